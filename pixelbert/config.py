@@ -1,0 +1,327 @@
+"""One JSON file -> typed, validated config.
+
+`load_config(path, overrides)` reads the sections `model`, `data`, `train` and `deepspeed`.
+The first three become dataclasses whose every key is checked for name, type and range at
+load time; `deepspeed` stays the plain dict handed to `deepspeed.initialize`. Overrides are
+`key.path=value` strings; the value is parsed as JSON when it can be (`20`, `true`,
+`[1,2]`, `null`) and taken as a string otherwise.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, of the wrong type, or holds an impossible value."""
+
+
+BACKBONES = ("tiny", "resnet50", "resnext101_32x8d", "resnext152_32x8d")
+KERNEL_BACKENDS = ("auto", "reference", "triton", "ext")
+ATTENTION_BACKENDS = ("auto", "sdpa", "math")
+HIDDEN_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+SOURCE_FORMATS = ("coco_captions",)
+LR_SCHEDULES = ("linear", "step", "constant")
+
+
+@dataclass
+class ModelConfig:
+    # Transformer keys use Hugging Face BertConfig names so a BERT checkpoint maps 1:1.
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    initializer_range: float = 0.02
+    # Visual side.
+    backbone: str = "resnet50"
+    backbone_weights: Optional[str] = None  # local torchvision-layout state dict (.pth/.safetensors)
+    frozen_bn: bool = True  # BatchNorm folded into a fixed per-channel affine
+    freeze_stem: bool = True  # stem + first stage get no gradient
+    channels_last: bool = False
+    pixel_samples: int = 100  # positions sampled per image in pre-training
+    # Text side initialisation: local Hugging Face BERT folder or weights file.
+    bert_checkpoint: Optional[str] = None
+    # Backends.
+    kernels: str = "auto"
+    attention: str = "auto"
+
+    def validate(self) -> None:
+        _positive(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "intermediate_size", "max_position_embeddings", "type_vocab_size", "pixel_samples")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                              f"model.num_attention_heads ({self.num_attention_heads})")
+        _choice(self, "backbone", BACKBONES)
+        _choice(self, "hidden_act", HIDDEN_ACTS)
+        _choice(self, "kernels", KERNEL_BACKENDS)
+        _choice(self, "attention", ATTENTION_BACKENDS)
+        _probability(self, "hidden_dropout_prob", "attention_probs_dropout_prob")
+        if not 0 < self.layer_norm_eps < 1:
+            raise ConfigError(f"model.layer_norm_eps must be in (0, 1), got {self.layer_norm_eps}")
+
+
+@dataclass
+class SourceConfig:
+    """One data source in its published format."""
+    format: str = "coco_captions"
+    annotations: str = ""
+    images: str = ""
+
+    def validate(self, where: str) -> None:
+        if self.format not in SOURCE_FORMATS:
+            raise ConfigError(f"{where}.format must be one of {SOURCE_FORMATS}, got {self.format!r}")
+        for key in ("annotations", "images"):
+            if not getattr(self, key):
+                raise ConfigError(f"{where}.{key} must name a path")
+
+
+@dataclass
+class DataConfig:
+    # Empty `train` means the embedded synthetic set, generated into `synthetic_dir`.
+    train: list[SourceConfig] = field(default_factory=list)
+    synthetic_dir: str = "data/synthetic"
+    synthetic_images: int = 2000
+    synthetic_seed: int = 0
+    # Tokenizer: a local BERT folder (vocab.txt). None: WordPiece trained on the captions, cached.
+    tokenizer: Optional[str] = None
+    lowercase: bool = True
+    max_text_len: int = 40  # including [CLS] and [SEP]
+    # Resize keeping aspect ratio: shorter side to image_shorter, longer side at most image_longer.
+    image_shorter: int = 800
+    image_longer: int = 1333
+    pad_multiple: int = 32  # padded batch sizes are multiples of this (the backbone stride)
+    mlm_probability: float = 0.15
+    itm_negative_probability: float = 0.5
+    num_workers: int = 2
+    prefetch_factor: int = 2
+
+    def validate(self) -> None:
+        for i, source in enumerate(self.train):
+            source.validate(f"data.train[{i}]")
+        _positive(self, "synthetic_images", "max_text_len", "image_shorter", "image_longer",
+                  "pad_multiple", "prefetch_factor")
+        if self.max_text_len < 3:
+            raise ConfigError("data.max_text_len must be >= 3 ([CLS], a word, [SEP])")
+        if self.image_shorter < 64:
+            raise ConfigError("data.image_shorter must be >= 64: the backbone has stride 32 and "
+                              "the 2x2 pixel pooling needs at least one whole cell")
+        if self.image_longer < self.image_shorter:
+            raise ConfigError(f"data.image_longer ({self.image_longer}) must be >= "
+                              f"data.image_shorter ({self.image_shorter})")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        _probability(self, "mlm_probability", "itm_negative_probability")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    seed: int = 42
+    max_steps: int = 1000  # optimiser steps; the learning-rate schedule spans them
+    stop_at_step: Optional[int] = None  # end early (job time slot) without changing the schedule
+    log_every: int = 10
+    save_every: int = 0  # 0: only at the end
+    resume: bool = False
+    # The paper's optimiser split: SGD for the CNN, AdamW for everything else.
+    backbone_lr: float = 1e-2
+    backbone_momentum: float = 0.9
+    backbone_weight_decay: float = 5e-4
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    lr_schedule: str = "linear"  # warm-up, then linear decay to 0 / step decay / constant
+    warmup_steps: int = 0
+    decay_milestones: list[int] = field(default_factory=list)  # for "step": steps where lr *= decay_gamma
+    decay_gamma: float = 0.1
+
+    def validate(self) -> None:
+        _positive(self, "max_steps", "log_every")
+        if self.seed < 0:
+            raise ConfigError(f"train.seed must be >= 0, got {self.seed}")
+        if self.save_every < 0:
+            raise ConfigError(f"train.save_every must be >= 0, got {self.save_every}")
+        if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.max_steps:
+            raise ConfigError(f"train.stop_at_step must be in [1, train.max_steps], got {self.stop_at_step}")
+        for key in ("backbone_lr", "lr"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
+        _choice(self, "lr_schedule", LR_SCHEDULES)
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ConfigError(f"train.warmup_steps must be in [0, train.max_steps], got {self.warmup_steps}")
+        if sorted(self.decay_milestones) != self.decay_milestones or any(m < 1 for m in self.decay_milestones):
+            raise ConfigError(f"train.decay_milestones must be increasing positive steps, got {self.decay_milestones}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+        ds = self.deepspeed
+        for key in ("train_micro_batch_size_per_gpu",):
+            if not isinstance(ds.get(key), int) or ds[key] < 1:
+                raise ConfigError(f"deepspeed.{key} must be a positive integer")
+        accum = ds.get("gradient_accumulation_steps", 1)
+        if not isinstance(accum, int) or accum < 1:
+            raise ConfigError("deepspeed.gradient_accumulation_steps must be a positive integer")
+        if "train_batch_size" in ds:
+            raise ConfigError("deepspeed.train_batch_size: leave it out; it is derived from "
+                              "train_micro_batch_size_per_gpu x gradient_accumulation_steps x ranks")
+        if "optimizer" in ds or "scheduler" in ds:
+            raise ConfigError("deepspeed.optimizer/scheduler: leave them out; the engine builds the "
+                              "paper's SGD+AdamW split and schedule from the train section")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.deepspeed["train_micro_batch_size_per_gpu"]
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.deepspeed.get("gradient_accumulation_steps", 1)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path, overrides=()) -> Config:
+    """Read `path`, apply `key.path=value` overrides, and return a validated Config."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be an object")
+    for item in overrides:
+        _apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict) -> Config:
+    raw = copy.deepcopy(raw)
+    unknown = set(raw) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise ConfigError(f"unknown config section(s): {sorted(unknown)}")
+    deepspeed_section = raw.pop("deepspeed", {})
+    if not isinstance(deepspeed_section, dict):
+        raise ConfigError("deepspeed must be an object")
+    cfg = _build(Config, raw, "")
+    cfg.deepspeed = deepspeed_section
+    cfg.validate()
+    return cfg
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, text = item.split("=", 1)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls, raw: Any, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'} must be an object, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {sorted(names)})")
+    kwargs = {name: _coerce(hints[name], value, f"{where}.{name}" if where else name)
+              for name, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, where: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {type(value).__name__}")
+        (item_type,) = typing.get_args(tp)
+        return [_coerce(item_type, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be an object, got {type(value).__name__}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"config type {tp} at {where} is not supported")
+
+
+def _positive(section, *keys: str) -> None:
+    name = _section_name(section)
+    for key in keys:
+        if getattr(section, key) < 1:
+            raise ConfigError(f"{name}.{key} must be >= 1, got {getattr(section, key)}")
+
+
+def _probability(section, *keys: str) -> None:
+    name = _section_name(section)
+    for key in keys:
+        if not 0.0 <= getattr(section, key) <= 1.0:
+            raise ConfigError(f"{name}.{key} must be in [0, 1], got {getattr(section, key)}")
+
+
+def _choice(section, key: str, choices) -> None:
+    if getattr(section, key) not in choices:
+        raise ConfigError(f"{_section_name(section)}.{key} must be one of {list(choices)}, "
+                          f"got {getattr(section, key)!r}")
+
+
+def _section_name(section) -> str:
+    return {ModelConfig: "model", DataConfig: "data", TrainConfig: "train"}[type(section)]

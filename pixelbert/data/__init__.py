@@ -1,0 +1,1 @@
+"""Data side of Pixel-BERT: sources, tokenizer, masking, images, datasets and samplers."""

@@ -1,0 +1,121 @@
+"""BERT WordPiece text tokenizer: loaded from a local vocab.txt, or trained on the captions and cached."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from .formats import write_atomic
+
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
+VOCAB_FILE = "vocab.txt"
+FINGERPRINT_FILE = "vocab.fingerprint"
+TRAINER_VERSION = 1  # part of the fingerprint: bump when training settings change
+
+
+def read_vocab(path: str | Path) -> dict[str, int]:
+    """vocab.txt -> {token: line number}, read the way Hugging Face's BertTokenizer reads it."""
+    vocab: dict[str, int] = {}
+    with open(path, encoding="utf-8") as f:
+        for index, line in enumerate(f):
+            vocab[line.rstrip("\n")] = index
+    return vocab
+
+
+class TextTokenizer:
+    """BERT's normaliser, pre-tokeniser and WordPiece model over a fixed vocabulary."""
+
+    def __init__(self, vocab: dict[str, int], lowercase: bool = True):
+        missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+        if missing:
+            raise ValueError(f"the vocabulary lacks the special token(s) {missing}")
+        tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=UNK, max_input_chars_per_word=100))
+        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                    strip_accents=None, lowercase=lowercase)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+        tok.add_special_tokens(list(SPECIAL_TOKENS))  # "[MASK]" in text stays one token, as in BERT
+        self._tok = tok
+        self.vocab_size = max(vocab.values()) + 1
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
+            vocab[t] for t in SPECIAL_TOKENS)
+        self.special_ids: frozenset[int] = frozenset(vocab[t] for t in SPECIAL_TOKENS)
+
+    @classmethod
+    def from_vocab_file(cls, path: str | Path, lowercase: bool = True) -> "TextTokenizer":
+        return cls(read_vocab(path), lowercase)
+
+    def encode(self, text: str, max_len: int) -> list[int]:
+        """`[CLS] tokens [SEP]`, tokens cut so the whole is at most `max_len` long."""
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2 to hold [CLS] and [SEP], got {max_len}")
+        ids = self._tok.encode(text, add_special_tokens=False).ids[:max_len - 2]
+        return [self.cls_id, *ids, self.sep_id]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids` with special tokens (padding included) left out."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def tokenize(self, text: str) -> list[str]:
+        """WordPiece strings of `text`, without [CLS]/[SEP] (for inspection)."""
+        return self._tok.encode(text, add_special_tokens=False).tokens
+
+
+def build_tokenizer(data_cfg, captions: Iterable[str], cache_dir: str | Path, vocab_size: int) -> TextTokenizer:
+    """The tokenizer named by `data_cfg.tokenizer`, else one trained on `captions` (cached).
+
+    `data_cfg.tokenizer` may name a folder holding vocab.txt (bert-base-uncased layout) or a
+    vocab.txt file (`vocab_size` is not applied to it). Otherwise a WordPiece vocabulary of at
+    most `vocab_size` tokens is trained and kept in `cache_dir/vocab.txt`, reused while the
+    captions and settings hash the same.
+    """
+    if data_cfg.tokenizer:
+        return TextTokenizer.from_vocab_file(_local_vocab(Path(data_cfg.tokenizer)), data_cfg.lowercase)
+    captions = list(captions)
+    cache_dir = Path(cache_dir)
+    vocab_path, fingerprint_path = cache_dir / VOCAB_FILE, cache_dir / FINGERPRINT_FILE
+    fingerprint = _fingerprint(captions, vocab_size, data_cfg.lowercase)
+    if not (vocab_path.is_file() and fingerprint_path.is_file()
+            and fingerprint_path.read_text() == fingerprint):
+        fingerprint_path.unlink(missing_ok=True)  # a crash below leaves no valid-looking cache
+        vocab = train_vocab(captions, vocab_size, data_cfg.lowercase)
+        write_atomic(vocab_path, "".join(token + "\n" for token in vocab))
+        write_atomic(fingerprint_path, fingerprint)
+    return TextTokenizer.from_vocab_file(vocab_path, data_cfg.lowercase)
+
+
+def train_vocab(captions: list[str], vocab_size: int, lowercase: bool) -> list[str]:
+    """Train a WordPiece vocabulary; returns the tokens in id order, specials first."""
+    if vocab_size <= len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
+    tok = Tokenizer(models.WordPiece(unk_token=UNK))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                        show_progress=False)
+    tok.train_from_iterator(captions, trainer=trainer)
+    vocab = tok.get_vocab()
+    return sorted(vocab, key=vocab.__getitem__)
+
+
+def _local_vocab(path: Path) -> Path:
+    vocab = path / VOCAB_FILE if path.is_dir() else path
+    if not vocab.is_file():
+        raise FileNotFoundError(f"data.tokenizer: no vocabulary at {vocab} (expected a folder "
+                                f"holding {VOCAB_FILE}, or a {VOCAB_FILE} file); leave "
+                                f"data.tokenizer null to train one on the captions")
+    return vocab
+
+
+def _fingerprint(captions: list[str], vocab_size: int, lowercase: bool) -> str:
+    h = hashlib.sha256(json.dumps({"version": TRAINER_VERSION, "vocab_size": vocab_size,
+                                   "lowercase": lowercase, "specials": SPECIAL_TOKENS}).encode())
+    for caption in captions:
+        data = caption.encode("utf-8")
+        h.update(len(data).to_bytes(8, "little"))  # length prefix: caption boundaries count
+        h.update(data)
+    return h.hexdigest()

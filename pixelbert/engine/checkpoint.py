@@ -1,0 +1,82 @@
+"""Checkpoints that resume exactly: model, optimiser, scheduler (DeepSpeed's own files), plus
+the step and every rank's random state.
+
+DeepSpeed writes a tag folder `step_N/`; each rank adds `rng_rank{R}.pt`; only when all have
+finished does rank 0 point `latest` at the tag, by an atomic rename. A run killed mid-save
+therefore resumes from the previous complete checkpoint, never from a partial one.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pixelbert.engine.distributed import DistInfo, barrier
+
+LATEST = "latest"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save(engine, directory: str | Path, step: int, dist: DistInfo, client_state: Optional[dict] = None) -> Path:
+    """Save a complete checkpoint for `step` and then mark it as the latest."""
+    directory = Path(directory)
+    tag = f"step_{step}"
+    engine.save_checkpoint(str(directory), tag=tag, client_state={"step": step, **(client_state or {})},
+                           save_latest=False)
+    _atomic_torch_save(rng_state(), directory / tag / f"rng_rank{dist.rank}.pt")
+    barrier()
+    if dist.is_main:
+        _atomic_write_text(directory / LATEST, tag)
+    barrier()
+    return directory / tag
+
+
+def latest_tag(directory: str | Path) -> Optional[str]:
+    path = Path(directory) / LATEST
+    return path.read_text().strip() if path.exists() else None
+
+
+def load(engine, directory: str | Path, dist: DistInfo) -> Optional[dict]:
+    """Restore the latest checkpoint into `engine` and this rank's RNG; None when there is none."""
+    tag = latest_tag(directory)
+    if tag is None:
+        return None
+    path, client_state = engine.load_checkpoint(str(directory), tag=tag)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {directory}/{tag}")
+    rng_file = Path(directory) / tag / f"rng_rank{dist.rank}.pt"
+    if not rng_file.exists():
+        raise RuntimeError(f"{rng_file} is missing: the checkpoint was written by a different number "
+                           "of ranks; exact resume needs the same world size")
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state

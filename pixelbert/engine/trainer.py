@@ -1,0 +1,149 @@
+"""The pre-training loop: build -> DeepSpeed -> steps -> logs and checkpoints."""
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pixelbert import ops
+from pixelbert.config import Config
+from pixelbert.engine import checkpoint
+from pixelbert.engine.data import build_pretrain_data, build_train_loader
+from pixelbert.engine.distributed import DistInfo, init_distributed
+from pixelbert.engine.metrics import JsonlLog, MetricsWindow
+from pixelbert.engine.optim import build_optimizer, build_scheduler
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    """The config's `deepspeed` section plus what the engine needs to say itself."""
+    ds = dict(cfg.deepspeed)
+    # SGDAdamW is the engine's own optimiser (tested against torch's SGD and AdamW); ZeRO only
+    # accepts optimisers it does not know when told so.
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10 ** 9)  # the engine logs; keep DeepSpeed's own log quiet
+    return ds
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict:
+    moved = {}
+    for key, value in batch.items():
+        value = value.to(device, non_blocking=True)
+        moved[key] = value.to(float_dtype) if value.is_floating_point() else value
+    return moved
+
+
+def engine_dtype(engine) -> torch.dtype:
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    if engine.fp16_enabled():
+        return torch.float16
+    return torch.float32
+
+
+def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The current AdamW (`lr`) and SGD (`backbone_lr`) learning rates."""
+    rates = {}
+    for group in optimizer.param_groups:
+        key = "backbone_lr" if group["algorithm"] == "sgd" else "lr"
+        rates.setdefault(key, group["lr"])
+    return rates
+
+
+def log(dist: DistInfo, message: str) -> None:
+    if dist.is_main:
+        tqdm.write(f"[pixelbert] {message}")
+
+
+def train(cfg: Config) -> dict:
+    """Run pre-training as configured; returns the last logged metrics (on every rank)."""
+    dist = init_distributed()
+    import deepspeed  # after init_distributed chose the accelerator
+
+    output_dir = Path(cfg.train.output_dir)
+    ckpt_dir = output_dir / "checkpoints"
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    seed_everything(cfg.train.seed + dist.rank)  # dropout differs per rank; data order does not
+
+    dataset, tokenizer = build_pretrain_data(cfg, dist)
+    log(dist, f"{len(dataset)} image-text pairs, vocabulary of {tokenizer.vocab_size} tokens")
+
+    ops.set_default_backend(cfg.model.kernels)
+    from pixelbert.model import PixelBert
+    model = PixelBert(cfg.model)
+    if cfg.model.bert_checkpoint:
+        report = model.load_bert_checkpoint(cfg.model.bert_checkpoint)
+        log(dist, f"BERT checkpoint {cfg.model.bert_checkpoint}: {len(report.loaded)} tensors loaded, "
+                  f"unused {report.unused or 'none'}, left at init {report.missing or 'none'}")
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg))
+    float_dtype = engine_dtype(engine)
+
+    start_step = 0
+    if cfg.train.resume:
+        client_state = checkpoint.load(engine, ckpt_dir, dist)
+        if client_state is None:
+            log(dist, f"train.resume: no checkpoint in {ckpt_dir}, starting from step 0")
+        else:
+            start_step = client_state["step"]
+            log(dist, f"resumed from {ckpt_dir} at step {start_step}")
+    metrics_log = JsonlLog(output_dir / "metrics.jsonl", start_step if cfg.train.resume else None) \
+        if dist.is_main else None
+
+    loader = build_train_loader(dataset, tokenizer, cfg, dist, start_step)
+    batches = iter(loader)
+    accum = cfg.grad_accum_steps
+    stop_step = cfg.train.stop_at_step or cfg.train.max_steps
+    window = MetricsWindow(dist.device)
+    window_start, data_wait = time.perf_counter(), 0.0
+    last: dict = {}
+    engine.train()
+    progress = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not dist.is_main,
+                    desc="pretrain", dynamic_ncols=True)
+    for step in range(start_step + 1, stop_step + 1):
+        rates = learning_rates(optimizer)  # the rates this step's update uses
+        for micro in range(accum):
+            wait_start = time.perf_counter()
+            batch = to_device(next(batches), dist.device, float_dtype)
+            data_wait += time.perf_counter() - wait_start
+            out = engine(batch)
+            engine.backward(out["loss"])
+            window.add(out, samples=len(batch["input_ids"]))
+            if micro == accum - 1 and window.any_nonfinite():
+                raise FloatingPointError(f"non-finite loss at step {step}; the optimiser did not step. "
+                                         "Lower the learning rates or check the data of this step.")
+            engine.step()
+        progress.update(1)
+        if step % cfg.train.log_every == 0 or step == stop_step:
+            elapsed = time.perf_counter() - window_start
+            summary = window.summary()
+            last = {"step": step, **{k: v for k, v in summary.items() if k != "samples"},
+                    **rates,
+                    "samples_per_s": summary["samples"] / elapsed,
+                    "data_wait_fraction": data_wait / elapsed}
+            if metrics_log:
+                metrics_log.write(last)
+            progress.set_postfix(loss=f"{last['loss']:.3f}", mlm=f"{last['mlm_loss']:.3f}",
+                                 itm=f"{last['itm_loss']:.3f}", sps=f"{last['samples_per_s']:.1f}")
+            window.reset()
+            window_start, data_wait = time.perf_counter(), 0.0
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == stop_step:
+            checkpoint.save(engine, ckpt_dir, step, dist)
+    progress.close()
+    log(dist, f"stopped at step {stop_step}; metrics in {output_dir / 'metrics.jsonl'}, "
+              f"checkpoints in {ckpt_dir}")
+    return last

@@ -1,0 +1,105 @@
+"""Text and pixel embeddings: the two inputs of Pixel-BERT's single-stream encoder."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pixelbert import ops
+from pixelbert.config import ModelConfig
+from pixelbert.model.backbone import build_backbone
+
+
+class TextEmbeddings(nn.Module):
+    """word + position + token-type -> LayerNorm -> dropout (Hugging Face BERT names)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.kernels = cfg.kernels
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if input_ids.shape[-1] > self.position_embeddings.num_embeddings:
+            raise ValueError(f"text of {input_ids.shape[-1]} tokens exceeds "
+                             f"max_position_embeddings={self.position_embeddings.num_embeddings}")
+        position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        embedded = ops.embed_layernorm(
+            input_ids, position_ids, token_type_ids, self.word_embeddings.weight,
+            self.position_embeddings.weight, self.token_type_embeddings.weight,
+            self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps, backend=self.kernels)
+        return self.dropout(embedded)
+
+
+class PixelEmbeddings(nn.Module):
+    """CNN -> 1x1 conv to the hidden size -> 2x2 max-pool -> pixel sampling -> + visual type.
+
+    In pre-training `pixel_samples` cells are drawn per image from its valid (unpadded) region
+    (fewer when the image has fewer cells); with sampling off every valid cell is kept.
+    Returns padded pixel tokens [B, P, D] and their mask [B, P] (True = real token).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.backbone = build_backbone(cfg.backbone, frozen_bn=cfg.frozen_bn, freeze_stem=cfg.freeze_stem,
+                                       channels_last=cfg.channels_last, weights=cfg.backbone_weights)
+        self.proj = nn.Conv2d(self.backbone.out_channels, cfg.hidden_size, kernel_size=1)
+        if cfg.channels_last:
+            self.proj.to(memory_format=torch.channels_last)
+        # s_v: one learned "visual" type vector shared by all pixel tokens.
+        self.visual_type = nn.Parameter(torch.zeros(cfg.hidden_size))
+        self.pixel_samples = cfg.pixel_samples
+        self.kernels = cfg.kernels
+
+    def valid_grid(self, image_sizes: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+        """Valid (rows, cols) of each image's pooled grid: whole 2x2 cells of valid features only."""
+        feat_h, feat_w = self.backbone.feature_size(image_sizes[:, 0], image_sizes[:, 1])
+        valid = torch.stack([feat_h // 2, feat_w // 2], dim=1).clamp(max=torch.tensor([grid_h, grid_w]))
+        if (valid < 1).any():
+            small = image_sizes[(valid < 1).any(dim=1)][0].tolist()
+            raise ValueError(f"an image of valid size {small[0]}x{small[1]} is too small for one "
+                             f"pooled pixel cell: each side must be over 32 px (two stride-32 feature cells)")
+        return valid
+
+    def select(self, valid: torch.Tensor, grid_h: int, grid_w: int, sample: bool,
+               seeds: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cell positions per image [B, P] (row-major within the grid) and their mask [B, P]."""
+        cells = grid_h * grid_w
+        rows = torch.arange(grid_h).repeat_interleave(grid_w)
+        cols = torch.arange(grid_w).repeat(grid_h)
+        inside = (rows[None] < valid[:, :1]) & (cols[None] < valid[:, 1:])  # [B, cells]
+        counts = inside.sum(dim=1)
+        if sample:
+            counts = counts.clamp(max=self.pixel_samples)
+            # Random keys per cell; padded cells sort last. Seeded per image so the draw does not
+            # depend on how samples are split across ranks or resumed.
+            keys = torch.stack([torch.rand(cells, generator=torch.Generator().manual_seed(int(s)))
+                                for s in seeds]) if seeds is not None else torch.rand(len(valid), cells)
+            order = keys.masked_fill(~inside, 2.0).argsort(dim=1)
+        else:
+            order = (~inside).to(torch.int8).argsort(dim=1, stable=True)  # valid cells first, in order
+        width = int(counts.max())
+        positions = order[:, :width]
+        mask = torch.arange(width)[None] < counts[:, None]
+        return positions, mask
+
+    def forward(self, images: torch.Tensor, image_sizes: torch.Tensor, *, sample: bool,
+                sample_seeds: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        feat = self.proj(self.backbone(images))
+        grid_h, grid_w = feat.shape[2] // 2, feat.shape[3] // 2
+        valid = self.valid_grid(image_sizes.cpu(), grid_h, grid_w)
+        positions, mask = self.select(valid, grid_h, grid_w, sample,
+                                      None if sample_seeds is None else sample_seeds.cpu())
+        batch_offset = torch.arange(len(positions))[:, None] * (grid_h * grid_w)
+        flat_index = (positions + batch_offset)[mask].to(feat.device, non_blocking=True)
+        rows = ops.pool_sample(feat, flat_index, self.visual_type, backend=self.kernels)
+        mask = mask.to(feat.device, non_blocking=True)
+        tokens = rows.new_zeros(*mask.shape, rows.shape[-1])
+        tokens[mask] = rows
+        return tokens, mask

@@ -1,0 +1,81 @@
+import json
+
+import pytest
+
+from pixelbert.config import ConfigError, load_config
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({
+        "model": {"backbone": "tiny", "hidden_size": 64, "num_attention_heads": 4},
+        "train": {"max_steps": 10},
+        "deepspeed": {"train_micro_batch_size_per_gpu": 2},
+    }))
+    return path
+
+
+def test_loads_typed_sections(config_file):
+    cfg = load_config(config_file)
+    assert cfg.model.hidden_size == 64 and cfg.model.backbone == "tiny"
+    assert cfg.train.max_steps == 10 and cfg.micro_batch_size == 2 and cfg.grad_accum_steps == 1
+    assert cfg.data.max_text_len == 40  # default
+
+
+def test_overrides(config_file):
+    cfg = load_config(config_file, ["train.max_steps=20", "model.hidden_act=relu",
+                                    "train.adam_betas=[0.8, 0.9]", "deepspeed.zero_optimization.stage=3",
+                                    "data.tokenizer=/some/folder", "train.lr=3e-4"])
+    assert cfg.train.max_steps == 20
+    assert cfg.model.hidden_act == "relu"
+    assert cfg.train.adam_betas == [0.8, 0.9]
+    assert cfg.deepspeed["zero_optimization"] == {"stage": 3}
+    assert cfg.data.tokenizer == "/some/folder"
+    assert cfg.train.lr == pytest.approx(3e-4)
+
+
+def test_source_list_override(config_file):
+    cfg = load_config(config_file, ['data.train=[{"format": "coco_captions", "annotations": "a.json", "images": "im"}]'])
+    assert cfg.data.train[0].annotations == "a.json"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.hiden_size=64", "unknown config key model.hiden_size"),
+    ("trian.max_steps=3", "unknown config section"),
+    ("train.max_steps=ten", "train.max_steps must be an integer"),
+    ("train.max_steps=2.5", "train.max_steps must be an integer"),
+    ("model.channels_last=1", "model.channels_last must be true or false"),
+    ("train.lr=fast", "train.lr must be a number"),
+    ("model.num_attention_heads=5", "must be divisible by model.num_attention_heads"),
+    ("model.pixel_samples=0", "model.pixel_samples must be >= 1"),
+    ("model.backbone=vgg16", "model.backbone must be one of"),
+    ("model.hidden_dropout_prob=1.5", "model.hidden_dropout_prob must be in [0, 1]"),
+    ("data.image_shorter=32", "data.image_shorter must be >= 64"),
+    ("data.train=[{\"format\": \"csv\", \"annotations\": \"a\", \"images\": \"b\"}]", "data.train[0].format"),
+    ("train.warmup_steps=50", "train.warmup_steps must be in [0, train.max_steps]"),
+    ("deepspeed.train_micro_batch_size_per_gpu=0", "deepspeed.train_micro_batch_size_per_gpu"),
+    ("deepspeed.optimizer={\"type\": \"Adam\"}", "deepspeed.optimizer/scheduler"),
+    ("model.kernels=cuda", "model.kernels must be one of"),
+])
+def test_bad_values_name_the_key(config_file, override, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(config_file, [override])
+    assert message in str(err.value)
+
+
+def test_bad_override_syntax_and_json(tmp_path, config_file):
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(config_file, ["train.max_steps"])
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"model": {"backbone": "tiny",}}')
+    with pytest.raises(ConfigError, match="line 1 column"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("name", ["tiny", "r50", "x152"])
+def test_shipped_configs_load(name):
+    cfg = load_config(f"configs/{name}.json")
+    assert cfg.model.hidden_size % cfg.model.num_attention_heads == 0

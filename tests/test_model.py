@@ -1,0 +1,189 @@
+"""PixelBert: pixel sampling, BERT parity, heads, and the paper-scale config on the meta device."""
+import dataclasses
+
+import pytest
+import torch
+import transformers
+
+from pixelbert.config import ModelConfig, load_config
+from pixelbert.model import IGNORE_INDEX, PixelBert
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    cfg = ModelConfig(backbone="tiny", vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, intermediate_size=96, max_position_embeddings=32,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pixel_samples=5,
+                      frozen_bn=False, freeze_stem=False)
+    return dataclasses.replace(cfg, **overrides)
+
+
+def random_batch(sizes, text_len=9, vocab=100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    height = max(h for h, _ in sizes) + 32 - max(h for h, _ in sizes) % 32
+    width = max(w for _, w in sizes) + 32 - max(w for _, w in sizes) % 32
+    images = torch.zeros(len(sizes), 3, height, width)
+    for i, (h, w) in enumerate(sizes):
+        images[i, :, :h, :w] = torch.randn(3, h, w, generator=g)
+    ids = torch.randint(5, vocab, (len(sizes), text_len), generator=g)
+    attention = torch.ones_like(ids)
+    attention[0, -3:] = 0
+    mlm = torch.full_like(ids, IGNORE_INDEX)
+    mlm[:, 2] = ids[:, 2]
+    return {"images": images, "image_sizes": torch.tensor(sizes), "input_ids": ids,
+            "attention_mask": attention, "token_type_ids": torch.zeros_like(ids), "mlm_labels": mlm,
+            "itm_labels": torch.randint(0, 2, (len(sizes),), generator=g),
+            "sample_seeds": torch.randint(0, 2 ** 31, (len(sizes),), generator=g)}
+
+
+SIZES = [(100, 130), (230, 64), (64, 64), (192, 250)]
+
+
+def test_sampled_positions_are_valid_unique_and_seeded():
+    model = PixelBert(tiny_config(pixel_samples=5))
+    pixels = model.pixel_embeddings
+    sizes = torch.tensor(SIZES)
+    grid_h, grid_w = 256 // 64, 256 // 64  # padded to 256x256: 8x8 features, 4x4 pooled
+    valid = pixels.valid_grid(sizes, grid_h, grid_w)
+    # ceil(h/32) features, whole 2x2 cells only.
+    assert valid.tolist() == [[2, 2], [4, 1], [1, 1], [3, 4]]
+    seeds = torch.tensor([11, 12, 13, 14])
+    positions, mask = pixels.select(valid, grid_h, grid_w, sample=True, seeds=seeds)
+    for b in range(len(SIZES)):
+        chosen = positions[b][mask[b]].tolist()
+        n_valid = int(valid[b].prod())
+        assert len(chosen) == min(5, n_valid)
+        assert len(set(chosen)) == len(chosen)
+        for pos in chosen:
+            r, c = divmod(pos, grid_w)
+            assert r < valid[b, 0] and c < valid[b, 1], f"image {b} sampled padded cell {(r, c)}"
+    again, _ = pixels.select(valid, grid_h, grid_w, sample=True, seeds=seeds)
+    assert torch.equal(again, positions)
+    other, _ = pixels.select(valid, grid_h, grid_w, sample=True, seeds=seeds + 100)
+    assert not torch.equal(other[3][mask[3]], positions[3][mask[3]])
+
+
+def test_sampling_covers_every_valid_cell_over_draws():
+    pixels = PixelBert(tiny_config(pixel_samples=3)).pixel_embeddings
+    valid = torch.tensor([[3, 4]])
+    seen = set()
+    for seed in range(200):
+        positions, mask = pixels.select(valid, 4, 5, sample=True, seeds=torch.tensor([seed]))
+        seen.update(positions[0][mask[0]].tolist())
+    assert seen == {r * 5 + c for r in range(3) for c in range(4)}
+
+
+def test_sampling_off_gives_all_valid_positions_in_order():
+    pixels = PixelBert(tiny_config()).pixel_embeddings
+    valid = torch.tensor([[2, 2], [4, 1], [3, 4]])
+    positions, mask = pixels.select(valid, 4, 4, sample=False, seeds=None)
+    for b, (h, w) in enumerate(valid.tolist()):
+        assert positions[b][mask[b]].tolist() == [r * 4 + c for r in range(h) for c in range(w)]
+
+
+def test_pixel_tokens_are_pooled_features_plus_visual_type():
+    torch.manual_seed(0)
+    model = PixelBert(tiny_config()).eval()
+    batch = random_batch(SIZES)
+    pixels = model.pixel_embeddings
+    tokens, mask = pixels(batch["images"], batch["image_sizes"], sample=False)
+    feat = pixels.proj(pixels.backbone(batch["images"]))
+    pooled = torch.nn.functional.max_pool2d(feat, 2)  # [B, D, Hp, Wp]
+    valid = pixels.valid_grid(batch["image_sizes"], pooled.shape[2], pooled.shape[3])
+    for b, (h, w) in enumerate(valid.tolist()):
+        want = pooled[b, :, :h, :w].flatten(1).T + pixels.visual_type
+        torch.testing.assert_close(tokens[b][mask[b]], want)
+        assert not tokens[b][~mask[b]].any()
+
+
+def test_too_small_image_is_a_clear_error():
+    pixels = PixelBert(tiny_config()).pixel_embeddings
+    with pytest.raises(ValueError, match="over 32 px"):
+        pixels.valid_grid(torch.tensor([[32, 200]]), 4, 4)
+
+
+def test_forward_losses_and_gradients():
+    torch.manual_seed(0)
+    model = PixelBert(tiny_config()).train()
+    out = model(random_batch(SIZES))
+    assert torch.isfinite(out["loss"]) and out["mlm_count"] == len(SIZES)
+    torch.testing.assert_close(out["loss"].detach(), out["mlm_loss"] + out["itm_loss"])
+    out["loss"].backward()
+    assert model.pixel_embeddings.backbone.conv1.weight.grad.abs().sum() > 0
+    assert model.pixel_embeddings.visual_type.grad.abs().sum() > 0
+    assert model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+
+def test_batch_without_masked_tokens_still_reaches_every_head():
+    model = PixelBert(tiny_config()).train()
+    batch = random_batch(SIZES)
+    batch["mlm_labels"].fill_(IGNORE_INDEX)
+    out = model(batch)
+    assert out["mlm_loss"] == 0 and out["mlm_count"] == 0
+    out["loss"].backward()
+    assert model.cls.predictions.bias.grad is not None
+
+
+def test_mlm_decoder_is_tied_to_word_embeddings():
+    model = PixelBert(tiny_config())
+    assert model.cls.predictions.decoder.weight is model.embeddings.word_embeddings.weight
+
+
+BERT_DIMS = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=96, max_position_embeddings=32, type_vocab_size=2,
+                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+@pytest.mark.parametrize("head, safe", [("BertModel", True), ("BertForPreTraining", False)])
+def test_bert_parity_after_loading_checkpoint(tmp_path, head, safe):
+    torch.manual_seed(1)
+    hf = getattr(transformers, head)(transformers.BertConfig(**BERT_DIMS)).eval()
+    with torch.no_grad():  # make LayerNorms and biases non-trivial
+        for name, p in hf.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path, safe_serialization=safe)
+
+    model = PixelBert(tiny_config()).eval()
+    report = model.load_bert_checkpoint(str(tmp_path))
+    # BertModel has no MLM head: exactly that head stays at its init.
+    assert all(k.startswith("cls.predictions.") for k in report.missing)
+    assert (report.missing == []) == (head == "BertForPreTraining"), report.missing
+    ids = torch.randint(0, 100, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[2, 2:] = 0
+    with torch.no_grad():
+        bert = hf if head == "BertModel" else hf.bert
+        want = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = model.encode_text(ids, mask)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        if head == "BertForPreTraining":
+            assert any(k.startswith("cls.seq_relationship") for k in report.unused)
+            torch.testing.assert_close(model.cls(got), hf.cls.predictions(want), atol=1e-5, rtol=1e-5)
+        else:
+            assert report.unused == [] or all("position_ids" in k for k in report.unused)
+
+
+def test_bert_checkpoint_shape_mismatch_and_missing(tmp_path):
+    hf = transformers.BertModel(transformers.BertConfig(**{**BERT_DIMS, "vocab_size": 120}))
+    hf.save_pretrained(tmp_path)
+    model = PixelBert(tiny_config())
+    with pytest.raises(ValueError, match="word_embeddings.weight has shape"):
+        model.load_bert_checkpoint(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        model.load_bert_checkpoint(str(tmp_path / "nowhere"))
+
+
+def test_x152_config_builds_on_meta_device():
+    cfg = load_config("configs/x152.json")
+    with torch.device("meta"):
+        model = PixelBert(cfg.model)
+    # Frozen BatchNorm keeps its affine as buffers: count weights the way torchvision does.
+    backbone = sum(t.numel() for k, t in model.pixel_embeddings.backbone.state_dict().items()
+                   if not k.endswith(("running_mean", "running_var")))
+    frozen_affine = backbone - sum(p.numel() for p in model.pixel_embeddings.backbone.parameters())
+    total = sum(p.numel() for p in model.parameters()) + frozen_affine
+    print(f"x152 Pixel-BERT: {total:,} parameters, backbone {backbone:,}")
+    assert backbone == 120_323_392  # ResNeXt-152 32x8d without fc (tests/test_backbone.py)
+    assert 1.0e8 < total - backbone < 1.2e8  # BERT-base (~110M incl. pooler) + heads + 1x1 conv
+    assert all(p.is_meta for p in model.parameters())

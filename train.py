@@ -1,0 +1,37 @@
+"""Pixel-BERT pre-training.
+
+    deepspeed train.py --config configs/x152.json [key.path=value ...]
+    python train.py --config configs/tiny.json train.max_steps=20
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pixelbert.config import ConfigError, load_config
+from pixelbert.engine.distributed import configure_accelerator
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="JSON config file (configs/*.json)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    parser.add_argument("overrides", nargs="*", help="key.path=value, e.g. train.max_steps=20")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    configure_accelerator()
+    from pixelbert.engine.trainer import train
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
