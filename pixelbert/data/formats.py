@@ -1,12 +1,12 @@
-"""Published annotation formats -> `Record`s, and the atomic file writes the data side uses."""
+"""Published annotation formats -> `Record`s."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pixelbert.fileio import write_atomic
 
 
 @dataclass
@@ -54,25 +54,6 @@ def read_coco_captions(annotations: str | Path, images: str | Path) -> list[Reco
         records.append(Record(image=str(images / files[ann["image_id"]]),
                               image_id=int(ann["image_id"]), text=ann["caption"].strip()))
     return records
-
-
-def write_atomic(path: str | Path, data: str | bytes) -> None:
-    """Write `data` to `path` through a temporary file and `os.replace`.
-
-    Readers see either the old file or the whole new one, never a partial write; the
-    temporary name is unique, so processes writing the same path at once do not collide.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -86,4 +86,7 @@ def build_pretrain_loader(dataset: PretrainDataset, sampler: StepBatchSampler, d
         dataset, batch_sampler=sampler,
         collate_fn=partial(collate_fn, pad_id=dataset.tokenizer.pad_id, pad_multiple=data_cfg.pad_multiple),
         num_workers=workers, prefetch_factor=data_cfg.prefetch_factor if workers > 0 else None,
-        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+        # Its own generator: starting an iterator then draws no number from the global RNG,
+        # which exact resume restores and the model's dropout consumes.
+        generator=torch.Generator().manual_seed(sampler.seed))

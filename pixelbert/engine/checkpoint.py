@@ -7,7 +7,6 @@ therefore resumes from the previous complete checkpoint, never from a partial on
 """
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Optional
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from pixelbert.engine.distributed import DistInfo, barrier
+from pixelbert.fileio import torch_save_atomic, write_atomic
 
 LATEST = "latest"
 
@@ -35,28 +35,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def save(engine, directory: str | Path, step: int, dist: DistInfo, client_state: Optional[dict] = None) -> Path:
     """Save a complete checkpoint for `step` and then mark it as the latest."""
     directory = Path(directory)
     tag = f"step_{step}"
     engine.save_checkpoint(str(directory), tag=tag, client_state={"step": step, **(client_state or {})},
                            save_latest=False)
-    _atomic_torch_save(rng_state(), directory / tag / f"rng_rank{dist.rank}.pt")
+    torch_save_atomic(rng_state(), directory / tag / f"rng_rank{dist.rank}.pt")
     barrier()
     if dist.is_main:
-        _atomic_write_text(directory / LATEST, tag)
+        write_atomic(directory / LATEST, tag)
     barrier()
     return directory / tag
 

@@ -57,8 +57,9 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
         # Ranks on one machine share its cores; oversubscription slows every rank down.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        if "OMP_NUM_THREADS" not in os.environ:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return DistInfo(rank, world_size, local_rank, device)
 
 

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from pixelbert.engine.distributed import all_reduce_sum
+from pixelbert.fileio import write_atomic
 
 # Per-micro-batch values that are summed; means are taken when a window is logged.
 SUMMED = ("loss", "mlm_loss", "itm_loss", "mlm_correct", "mlm_count", "itm_correct", "itm_count",
@@ -66,9 +66,7 @@ class JsonlLog:
         elif path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            write_atomic(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:

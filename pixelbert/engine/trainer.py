@@ -75,20 +75,24 @@ def train(cfg: Config) -> dict:
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    seed_everything(cfg.train.seed + dist.rank)  # dropout differs per rank; data order does not
 
     dataset, tokenizer = build_pretrain_data(cfg, dist)
     log(dist, f"{len(dataset)} image-text pairs, vocabulary of {tokenizer.vocab_size} tokens")
 
     ops.set_default_backend(cfg.model.kernels)
     from pixelbert.model import PixelBert
+    seed_everything(cfg.train.seed)  # the same initial weights on every rank, whatever ran before
     model = PixelBert(cfg.model)
     if cfg.model.bert_checkpoint:
         report = model.load_bert_checkpoint(cfg.model.bert_checkpoint)
         log(dist, f"BERT checkpoint {cfg.model.bert_checkpoint}: {len(report.loaded)} tensors loaded, "
                   f"unused {report.unused or 'none'}, left at init {report.missing or 'none'}")
+    if cfg.model.frozen_bn and not cfg.model.backbone_weights:
+        log(dist, "warning: model.frozen_bn without model.backbone_weights trains a CNN with no "
+                  "normalisation at all; give ImageNet weights or set model.frozen_bn=false")
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
+    seed_everything(cfg.train.seed + 1 + dist.rank)  # dropout differs per rank; data order does not
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg))
     float_dtype = engine_dtype(engine)
