@@ -29,7 +29,11 @@ def main(argv=None) -> int:
         return 2
     configure_accelerator()
     from pixelbert.engine.trainer import train
-    train(cfg)
+    try:
+        train(cfg)
+    except FileNotFoundError as e:  # a configured path that is not there: say which, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

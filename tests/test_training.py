@@ -34,7 +34,8 @@ def synthetic_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("synthetic")
 
 
-def run_train(out: Path, synthetic: Path, overrides: list[str], ranks: int = 1, timeout: int = 900) -> list[dict]:
+def launch(out: Path, synthetic: Path, overrides: list[str], ranks: int = 1,
+           timeout: int = 900) -> subprocess.CompletedProcess:
     args = ["--config", "configs/tiny.json", f"train.output_dir={out}", f"data.synthetic_dir={synthetic}",
             "data.synthetic_images=96", *overrides]
     if ranks == 1:
@@ -42,9 +43,14 @@ def run_train(out: Path, synthetic: Path, overrides: list[str], ranks: int = 1, 
     else:
         cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), "train.py", *args]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_train(out: Path, synthetic: Path, overrides: list[str], ranks: int = 1, timeout: int = 900) -> list[dict]:
+    result = launch(out, synthetic, overrides, ranks, timeout)
     if result.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+        pytest.fail(f"{' '.join(result.args)} failed ({result.returncode}):\n"
+                    f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -52,12 +58,12 @@ def losses(records: list[dict], key: str = "loss") -> list[float]:
     return [r[key] for r in records]
 
 
-def test_two_ranks_zero2_and_zero3_match_one_rank(tmp_path, synthetic_dir):
+def test_two_ranks_zero1_2_3_match_one_rank(tmp_path, synthetic_dir):
     common = SMALL + NO_DROPOUT + ["train.max_steps=4", "data.num_workers=0"]
     one = run_train(tmp_path / "one", synthetic_dir, common + [
         "deepspeed.train_micro_batch_size_per_gpu=4", "deepspeed.gradient_accumulation_steps=2",
         "deepspeed.zero_optimization.stage=0"])
-    for stage in (2, 3):
+    for stage in (1, 2, 3):
         two = run_train(tmp_path / f"zero{stage}", synthetic_dir, common + [
             "deepspeed.train_micro_batch_size_per_gpu=4", "deepspeed.gradient_accumulation_steps=1",
             f"deepspeed.zero_optimization.stage={stage}"], ranks=2)
@@ -95,3 +101,26 @@ def test_tiny_training_lowers_mlm_and_itm_loss(tmp_path, synthetic_dir):
     assert last["step"] == 120
     assert last["mlm_loss"] < first["mlm_loss"] - 1.0
     assert last["itm_loss"] < first["itm_loss"] - 0.05
+
+
+def test_bf16_zero2_trains(tmp_path, synthetic_dir):
+    records = run_train(tmp_path / "bf16", synthetic_dir, SMALL + [
+        "train.max_steps=3", 'deepspeed.bf16={"enabled": true}', "deepspeed.zero_optimization.stage=2",
+        "data.num_workers=0", "deepspeed.train_micro_batch_size_per_gpu=4"])
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["loss"] == r["loss"] and 1.0 < r["loss"] < 20.0 for r in records)  # finite, sane
+
+
+def test_missing_data_names_the_path_and_the_synthetic_fallback(tmp_path, synthetic_dir):
+    missing = tmp_path / "nowhere" / "captions_train2014.json"
+    source = json.dumps([{"format": "coco_captions", "annotations": str(missing), "images": str(tmp_path)}])
+    result = launch(tmp_path / "run", synthetic_dir, [f"data.train={source}"])
+    assert result.returncode == 2
+    assert str(missing) in result.stderr and "data.train=[]" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_error_exits_cleanly(tmp_path, synthetic_dir):
+    result = launch(tmp_path / "run", synthetic_dir, ["model.hiden_size=8"])
+    assert result.returncode == 2
+    assert "config error: unknown config key model.hiden_size" in result.stderr

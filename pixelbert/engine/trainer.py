@@ -43,10 +43,11 @@ def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype) -> di
     return moved
 
 
-def engine_dtype(engine) -> torch.dtype:
-    if engine.bfloat16_enabled():
+def training_dtype(cfg: Config) -> torch.dtype:
+    """The dtype the `deepspeed` section trains in (its master weights stay fp32)."""
+    if cfg.deepspeed.get("bf16", {}).get("enabled"):
         return torch.bfloat16
-    if engine.fp16_enabled():
+    if cfg.deepspeed.get("fp16", {}).get("enabled"):
         return torch.float16
     return torch.float32
 
@@ -92,10 +93,12 @@ def train(cfg: Config) -> dict:
                   "normalisation at all; give ImageNet weights or set model.frozen_bn=false")
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
+    float_dtype = training_dtype(cfg)
+    # DeepSpeed casts parameters only; BatchNorm statistics and other buffers must follow.
+    model.to(float_dtype)
     seed_everything(cfg.train.seed + 1 + dist.rank)  # dropout differs per rank; data order does not
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg))
-    float_dtype = engine_dtype(engine)
 
     start_step = 0
     if cfg.train.resume:
