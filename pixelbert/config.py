@@ -135,7 +135,9 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 0  # 0: only at the end
     resume: bool = False
-    # The paper's optimiser split: SGD for the CNN, AdamW for everything else.
+    # The paper's optimiser split: SGD for the CNN, AdamW for everything else. A CNN trained from
+    # scratch (no backbone_weights, as in configs/tiny.json) needs "adamw" to learn in time.
+    backbone_optimizer: str = "sgd"
     backbone_lr: float = 1e-2
     backbone_momentum: float = 0.9
     backbone_weight_decay: float = 5e-4
@@ -162,6 +164,7 @@ class TrainConfig:
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
         _choice(self, "lr_schedule", LR_SCHEDULES)
+        _choice(self, "backbone_optimizer", ("sgd", "adamw"))
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ConfigError(f"train.warmup_steps must be in [0, train.max_steps], got {self.warmup_steps}")
         if sorted(self.decay_milestones) != self.decay_milestones or any(m < 1 for m in self.decay_milestones):

@@ -74,3 +74,15 @@ def test_schedules():
         sched.step()
     rates = {g["algorithm"]: g["lr"] for g in opt.param_groups}
     assert rates["sgd"] == pytest.approx(0.01) and rates["adamw"] == pytest.approx(5e-4)
+
+
+def test_backbone_can_train_with_adamw_from_scratch():
+    model = PixelBert(tiny_config())
+    cfg = TrainConfig(backbone_optimizer="adamw", backbone_lr=5e-4, lr=1e-3)
+    opt = build_optimizer(model, cfg)
+    backbone = {id(p) for p in model.pixel_embeddings.backbone.parameters()}
+    for group in opt.param_groups:
+        assert group["algorithm"] == "adamw"
+        on_backbone = {id(p) in backbone for p in group["params"]}
+        assert on_backbone == {group["backbone"]}
+        assert group["lr"] == (5e-4 if group["backbone"] else 1e-3)

@@ -88,7 +88,8 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """SGD groups for the CNN backbone, AdamW groups for the rest, each split by weight decay."""
+    """SGD groups for the CNN backbone (AdamW with `train.backbone_optimizer="adamw"`), AdamW
+    groups for the rest, each split by weight decay; groups carry `backbone` for the logs."""
     backbone_ids = {id(p) for p in model.pixel_embeddings.backbone.parameters()}
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
@@ -98,13 +99,18 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
         buckets.setdefault((algorithm, _no_decay(name, param)), []).append(param)
     groups = []
     for (algorithm, no_decay), params in sorted(buckets.items()):
-        if algorithm == "sgd":
+        if algorithm == "sgd" and cfg.backbone_optimizer == "adamw":
+            # A CNN trained from scratch (no ImageNet weights) learns far too slowly with SGD.
+            groups.append(dict(params=params, algorithm="adamw", lr=cfg.backbone_lr, betas=tuple(cfg.adam_betas),
+                               eps=cfg.adam_eps, weight_decay=0.0 if no_decay else cfg.backbone_weight_decay,
+                               backbone=True))
+        elif algorithm == "sgd":
             groups.append(dict(params=params, algorithm="sgd", lr=cfg.backbone_lr,
                                momentum=cfg.backbone_momentum,
-                               weight_decay=0.0 if no_decay else cfg.backbone_weight_decay))
+                               weight_decay=0.0 if no_decay else cfg.backbone_weight_decay, backbone=True))
         else:
             groups.append(dict(params=params, algorithm="adamw", lr=cfg.lr, betas=tuple(cfg.adam_betas),
-                               eps=cfg.adam_eps, weight_decay=0.0 if no_decay else cfg.weight_decay))
+                               eps=cfg.adam_eps, weight_decay=0.0 if no_decay else cfg.weight_decay, backbone=False))
     return groups
 
 

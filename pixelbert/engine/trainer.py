@@ -53,10 +53,10 @@ def training_dtype(cfg: Config) -> torch.dtype:
 
 
 def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """The current AdamW (`lr`) and SGD (`backbone_lr`) learning rates."""
+    """The current learning rates of the CNN (`backbone_lr`) and of everything else (`lr`)."""
     rates = {}
     for group in optimizer.param_groups:
-        key = "backbone_lr" if group["algorithm"] == "sgd" else "lr"
+        key = "backbone_lr" if group["backbone"] else "lr"
         rates.setdefault(key, group["lr"])
     return rates
 
