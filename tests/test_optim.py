@@ -7,7 +7,7 @@ import torch
 from pixelbert.config import TrainConfig
 from pixelbert.engine.optim import SGDAdamW, build_optimizer, build_scheduler, lr_multiplier
 from pixelbert.model import PixelBert
-from tests.test_model import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_matches_torch_sgd_and_adamw():

@@ -1,0 +1,33 @@
+"""Small models and batches shared by the tests."""
+import dataclasses
+
+import torch
+
+from pixelbert.config import ModelConfig
+from pixelbert.model import IGNORE_INDEX
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    cfg = ModelConfig(backbone="tiny", vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, intermediate_size=96, max_position_embeddings=32,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pixel_samples=5,
+                      frozen_bn=False, freeze_stem=False)
+    return dataclasses.replace(cfg, **overrides)
+
+
+def random_batch(sizes, text_len=9, vocab=100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    height = max(h for h, _ in sizes) + 32 - max(h for h, _ in sizes) % 32
+    width = max(w for _, w in sizes) + 32 - max(w for _, w in sizes) % 32
+    images = torch.zeros(len(sizes), 3, height, width)
+    for i, (h, w) in enumerate(sizes):
+        images[i, :, :h, :w] = torch.randn(3, h, w, generator=g)
+    ids = torch.randint(5, vocab, (len(sizes), text_len), generator=g)
+    attention = torch.ones_like(ids)
+    attention[0, -3:] = 0
+    mlm = torch.full_like(ids, IGNORE_INDEX)
+    mlm[:, 2] = ids[:, 2]
+    return {"images": images, "image_sizes": torch.tensor(sizes), "input_ids": ids,
+            "attention_mask": attention, "token_type_ids": torch.zeros_like(ids), "mlm_labels": mlm,
+            "itm_labels": torch.randint(0, 2, (len(sizes),), generator=g),
+            "sample_seeds": torch.randint(0, 2 ** 31, (len(sizes),), generator=g)}
