@@ -97,6 +97,9 @@ class DataConfig:
     synthetic_seed: int = 0
     # Tokenizer: a local BERT folder (vocab.txt). None: WordPiece trained on the captions, cached.
     tokenizer: Optional[str] = None
+    # Trained vocabularies are shared here by caption fingerprint, so that every run on the same
+    # captions gets the same token ids (the WordPiece trainer is not deterministic).
+    tokenizer_cache: str = "~/.cache/pixelbert/tokenizers"
     lowercase: bool = True
     max_text_len: int = 40  # including [CLS] and [SEP]
     # Resize keeping aspect ratio: shorter side to image_shorter, longer side at most image_longer.

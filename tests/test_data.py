@@ -588,3 +588,17 @@ def test_sampler_determinism_and_arguments():
         with pytest.raises(ValueError):
             StepBatchSampler(**{**kwargs, **bad})
 
+
+
+def test_shared_cache_gives_every_run_the_same_vocabulary(tmp_path, small_cfg):
+    caps = [f"a {c} {s} on the {p}" for c in ("red", "blue", "green") for s in ("circle", "bar")
+            for p in ("left", "right")] * 5
+    first = build_tokenizer(small_cfg, caps, tmp_path / "run1", 80, shared_cache=tmp_path / "shared")
+    second = build_tokenizer(small_cfg, caps, tmp_path / "run2", 80, shared_cache=tmp_path / "shared")
+    assert (tmp_path / "run1" / "vocab.txt").read_text() == (tmp_path / "run2" / "vocab.txt").read_text()
+    assert first.encode("a blue bar on the left", 12) == second.encode("a blue bar on the left", 12)
+    # A run's own copy wins over the shared cache: resume never sees ids change under it.
+    shared = next((tmp_path / "shared").iterdir()) / "vocab.txt"
+    shared.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+    again = build_tokenizer(small_cfg, caps, tmp_path / "run1", 80, shared_cache=tmp_path / "shared")
+    assert again.vocab_size == first.vocab_size

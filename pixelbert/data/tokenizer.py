@@ -65,27 +65,44 @@ class TextTokenizer:
         return self._tok.encode(text, add_special_tokens=False).tokens
 
 
-def build_tokenizer(data_cfg, captions: Iterable[str], cache_dir: str | Path, vocab_size: int) -> TextTokenizer:
+def build_tokenizer(data_cfg, captions: Iterable[str], cache_dir: str | Path, vocab_size: int,
+                    shared_cache: str | Path | None = None) -> TextTokenizer:
     """The tokenizer named by `data_cfg.tokenizer`, else one trained on `captions` (cached).
 
     `data_cfg.tokenizer` may name a folder holding vocab.txt (bert-base-uncased layout) or a
     vocab.txt file (`vocab_size` is not applied to it). Otherwise a WordPiece vocabulary of at
-    most `vocab_size` tokens is trained and kept in `cache_dir/vocab.txt`, reused while the
-    captions and settings hash the same.
+    most `vocab_size` tokens is kept in `cache_dir/vocab.txt` (a run's own copy, which resume
+    relies on), reused while the captions and settings hash the same. Training it is not
+    deterministic (the `tokenizers` trainer breaks ties differently from run to run), so a new
+    vocabulary is first looked up in `shared_cache/<fingerprint>/`, where every run on the same
+    captions finds the same one, and trained only when absent there.
     """
     if data_cfg.tokenizer:
         return TextTokenizer.from_vocab_file(_local_vocab(Path(data_cfg.tokenizer)), data_cfg.lowercase)
     captions = list(captions)
-    cache_dir = Path(cache_dir)
-    vocab_path, fingerprint_path = cache_dir / VOCAB_FILE, cache_dir / FINGERPRINT_FILE
     fingerprint = _fingerprint(captions, vocab_size, data_cfg.lowercase)
-    if not (vocab_path.is_file() and fingerprint_path.is_file()
-            and fingerprint_path.read_text() == fingerprint):
-        fingerprint_path.unlink(missing_ok=True)  # a crash below leaves no valid-looking cache
-        vocab = train_vocab(captions, vocab_size, data_cfg.lowercase)
-        write_atomic(vocab_path, "".join(token + "\n" for token in vocab))
-        write_atomic(fingerprint_path, fingerprint)
-    return TextTokenizer.from_vocab_file(vocab_path, data_cfg.lowercase)
+    cache_dir = Path(cache_dir)
+    if not _holds(cache_dir, fingerprint):
+        shared = Path(shared_cache).expanduser() / fingerprint[:32] if shared_cache else None
+        if shared is not None and _holds(shared, fingerprint):
+            vocab = (shared / VOCAB_FILE).read_text().splitlines()
+        else:
+            vocab = train_vocab(captions, vocab_size, data_cfg.lowercase)
+            if shared is not None:
+                _store(shared, vocab, fingerprint)
+        _store(cache_dir, vocab, fingerprint)
+    return TextTokenizer.from_vocab_file(cache_dir / VOCAB_FILE, data_cfg.lowercase)
+
+
+def _holds(folder: Path, fingerprint: str) -> bool:
+    marker = folder / FINGERPRINT_FILE
+    return (folder / VOCAB_FILE).is_file() and marker.is_file() and marker.read_text() == fingerprint
+
+
+def _store(folder: Path, vocab: list[str], fingerprint: str) -> None:
+    (folder / FINGERPRINT_FILE).unlink(missing_ok=True)  # a crash below leaves no valid-looking cache
+    write_atomic(folder / VOCAB_FILE, "".join(token + "\n" for token in vocab))
+    write_atomic(folder / FINGERPRINT_FILE, fingerprint)
 
 
 def train_vocab(captions: list[str], vocab_size: int, lowercase: bool) -> list[str]:

@@ -41,7 +41,7 @@ def build_pretrain_data(cfg: Config, dist: DistInfo) -> tuple[PretrainDataset, T
     captions = [r.text for r in records]
     cache = Path(cfg.train.output_dir) / "tokenizer"
     if dist.is_main:  # train (or check) the cached vocabulary once, then every rank reads it
-        build_tokenizer(cfg.data, captions, cache, cfg.model.vocab_size)
+        build_tokenizer(cfg.data, captions, cache, cfg.model.vocab_size, cfg.data.tokenizer_cache)
     barrier()
     tokenizer = build_tokenizer(cfg.data, captions, cache, cfg.model.vocab_size)
     if tokenizer.vocab_size > cfg.model.vocab_size:
