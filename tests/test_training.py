@@ -94,6 +94,20 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, synthetic_di
     assert (interrupted / "checkpoints" / "latest").read_text() == "step_6"
 
 
+# ZeRO-3 is left out: resuming it fails in the first backward ("size of tensor a (0) must match")
+# because of the MLM decoder tied to the word embeddings; untied it resumes. Open bug.
+@pytest.mark.parametrize("stage", [2])
+def test_zero_two_rank_resume_equals_uninterrupted(tmp_path, synthetic_dir, stage):
+    # Partitioned optimiser state and gradients, and one RNG file per rank.
+    common = SMALL + ["train.max_steps=4", "train.save_every=2", "data.num_workers=0",
+                      "deepspeed.train_micro_batch_size_per_gpu=2", f"deepspeed.zero_optimization.stage={stage}"]
+    straight = run_train(tmp_path / "straight", synthetic_dir, common, ranks=2)
+    run_train(tmp_path / "interrupted", synthetic_dir, common + ["train.stop_at_step=2"], ranks=2)
+    resumed = run_train(tmp_path / "interrupted", synthetic_dir, common + ["train.resume=true"], ranks=2)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-6, abs=1e-7)
+
+
 def test_tiny_training_lowers_mlm_loss(tmp_path, synthetic_dir):
     """configs/tiny.json as shipped, shortened. Margins from observed runs: the MLM loss falls
     from ~6.4 (step 10) to ~2.8 (step 120). The ITM loss stays at ln 2 this early: cross-modal
