@@ -9,6 +9,7 @@ mapped too.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,6 +18,14 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # Parameters of PixelBert that a BERT checkpoint can provide.
 TEXT_PREFIXES = ("embeddings.", "encoder.", "pooler.", "cls.predictions.")
+
+
+@dataclass
+class LoadReport:
+    """What `load_bert_checkpoint` did with a checkpoint's tensors."""
+    loaded: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)  # in the checkpoint, not used here
+    missing: list[str] = field(default_factory=list)  # text-side parameters left at their init
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -55,11 +64,11 @@ def normalise_key(key: str) -> str:
     return key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
 
 
-def load_into(model: torch.nn.Module, path: str | Path, report_cls):
+def load_into(model: torch.nn.Module, path: str | Path) -> LoadReport:
     """Copy every matching tensor of the checkpoint into `model`; return what was (not) used."""
     source = {normalise_key(k): v for k, v in read_state_dict(path).items()}
     target = model.state_dict()
-    report = report_cls()
+    report = LoadReport()
     with torch.no_grad():
         for key, tensor in sorted(source.items()):
             if key not in target or not key.startswith(TEXT_PREFIXES):

@@ -1,7 +1,6 @@
 """PixelBert: pixel embeddings + text embeddings -> one BERT encoder -> MLM and ITM heads."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -9,20 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pixelbert.config import ModelConfig
+from pixelbert.data.masking import IGNORE_INDEX
 from pixelbert.model import bert_checkpoint
+from pixelbert.model.bert_checkpoint import LoadReport
 from pixelbert.model.embeddings import PixelEmbeddings, TextEmbeddings
 from pixelbert.model.encoder import Encoder
 from pixelbert.model.heads import MLMHead, Pooler
-
-IGNORE_INDEX = -100
-
-
-@dataclass
-class LoadReport:
-    """What `load_bert_checkpoint` did with a checkpoint's tensors."""
-    loaded: list[str] = field(default_factory=list)
-    unused: list[str] = field(default_factory=list)  # in the checkpoint, not used here
-    missing: list[str] = field(default_factory=list)  # text-side parameters left at their init
 
 
 class PixelBert(nn.Module):
@@ -55,10 +46,7 @@ class PixelBert(nn.Module):
 
     def load_bert_checkpoint(self, path: str) -> LoadReport:
         """Load a Hugging Face BERT checkpoint (folder or file) into the text side and encoder."""
-        return bert_checkpoint.load_into(self, path, LoadReport)
-
-    def backbone_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.pixel_embeddings.backbone.parameters() if p.requires_grad]
+        return bert_checkpoint.load_into(self, path)
 
     # ---- encoding -------------------------------------------------------------------------
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
