@@ -98,7 +98,13 @@ def test_batch_without_masked_tokens_still_reaches_every_head():
 
 def test_mlm_decoder_is_tied_to_word_embeddings():
     model = PixelBert(tiny_config())
-    assert model.cls.predictions.decoder.weight is model.embeddings.word_embeddings.weight
+    rows = torch.randn(3, model.cfg.hidden_size)
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight[7].mul_(50.0)
+    want = model.cls.predictions.transform(rows) @ model.embeddings.word_embeddings.weight.T
+    torch.testing.assert_close(model.mlm_logits(rows), want + model.cls.predictions.bias)
+    # One owner: the decoder adds no parameter of its own.
+    assert not any("decoder" in name for name, _ in model.named_parameters())
 
 
 BERT_DIMS = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -132,7 +138,7 @@ def test_bert_parity_after_loading_checkpoint(tmp_path, head, safe):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         if head == "BertForPreTraining":
             assert any(k.startswith("cls.seq_relationship") for k in report.unused)
-            torch.testing.assert_close(model.cls(got), hf.cls.predictions(want), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model.mlm_logits(got), hf.cls.predictions(want), atol=1e-5, rtol=1e-5)
         else:
             assert report.unused == [] or all("position_ids" in k for k in report.unused)
 

@@ -80,7 +80,5 @@ def load_into(model: torch.nn.Module, path: str | Path) -> LoadReport:
                                  "hidden_size, max_position_embeddings, type_vocab_size)")
             target[key].copy_(tensor)
             report.loaded.append(key)
-    # The tied decoder shares the word-embedding tensor; it is loaded whenever that one is.
-    loaded = set(report.loaded) | {"cls.predictions.decoder.weight"}
-    report.missing = sorted(k for k in target if k.startswith(TEXT_PREFIXES) and k not in loaded)
+    report.missing = sorted(k for k in target if k.startswith(TEXT_PREFIXES) and k not in report.loaded)
     return report

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pixelbert.config import ModelConfig
@@ -31,25 +32,26 @@ class PredictionTransform(nn.Module):
 
 
 class MLMPrediction(nn.Module):
-    """BERT's `cls.predictions`: transform, then a decoder whose weight is the word embedding."""
+    """BERT's `cls.predictions`: transform, then a decoder tied to the word embedding.
 
-    def __init__(self, cfg: ModelConfig, word_embeddings: nn.Embedding):
+    The decoder weight is the word-embedding Parameter, passed in at call time rather than
+    held here: one owner keeps ZeRO-3's partitioning and checkpoint loading simple (a Parameter
+    shared by two modules broke ZeRO-3 resume), and ZeRO-3 gathers it on access.
+    """
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.transform = PredictionTransform(cfg)
-        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # Tied as Hugging Face ties it: one Parameter owned by both modules, so ZeRO-3 gathers
-        # it for whichever module runs.
-        self.decoder.weight = word_embeddings.weight
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.transform(hidden)) + self.bias
+    def forward(self, hidden: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.transform(hidden), decoder_weight, self.bias)
 
 
 class MLMHead(nn.Module):
-    def __init__(self, cfg: ModelConfig, word_embeddings: nn.Embedding):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.predictions = MLMPrediction(cfg, word_embeddings)
+        self.predictions = MLMPrediction(cfg)
 
-    def forward(self, hidden):
-        return self.predictions(hidden)
+    def forward(self, hidden: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
+        return self.predictions(hidden, decoder_weight)

@@ -24,7 +24,7 @@ class PixelBert(nn.Module):
         self.pixel_embeddings = PixelEmbeddings(cfg)
         self.encoder = Encoder(cfg)
         self.pooler = Pooler(cfg)
-        self.cls = MLMHead(cfg, self.embeddings.word_embeddings)
+        self.cls = MLMHead(cfg)
         self.itm_head = nn.Linear(cfg.hidden_size, 2)
         self._init_transformer_weights()
 
@@ -68,6 +68,10 @@ class PixelBert(nn.Module):
         return self.encoder(hidden, key_mask), key_mask
 
     # ---- pre-training ---------------------------------------------------------------------
+    def mlm_logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits (fp32) of the given rows through the MLM head and the tied decoder."""
+        return self.cls(hidden_rows, self.embeddings.word_embeddings.weight).float()
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """MLM + ITM losses and accuracies of a pre-training batch (see pixelbert.data.dataset)."""
         hidden, _ = self.encode(batch, sample_pixels=self.training)
@@ -80,14 +84,14 @@ class PixelBert(nn.Module):
         mlm_labels = batch["mlm_labels"]
         masked = mlm_labels != IGNORE_INDEX
         if masked.any():
-            mlm_logits = self.cls(hidden[:, :text_len][masked]).float()
+            mlm_logits = self.mlm_logits(hidden[:, :text_len][masked])
             mlm_targets = mlm_labels[masked]
             mlm_loss = F.cross_entropy(mlm_logits, mlm_targets)
             mlm_correct = (mlm_logits.argmax(-1) == mlm_targets).sum()
         else:
             # No masked token in this micro-batch: a zero loss that still touches the head, so
             # every rank produces gradients for the same parameters.
-            mlm_loss = self.cls(hidden[:1, 0]).sum() * 0.0
+            mlm_loss = self.mlm_logits(hidden[:1, 0]).sum() * 0.0
             mlm_correct = torch.zeros((), device=hidden.device, dtype=torch.long)
         return {
             "loss": mlm_loss + itm_loss,
