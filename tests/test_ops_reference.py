@@ -108,18 +108,21 @@ def test_ext_rejects_bad_sizes():
 
 
 def test_dispatch_names_and_errors(monkeypatch):
-    assert ops.resolve_backend("pool_sample", None, torch.device("cpu")) == "reference"
-    assert ops.resolve_backend("valid_pooled_index", None, torch.device("cpu")) == "ext"
+    monkeypatch.delenv("PIXELBERT_KERNELS", raising=False)
+    cpu = torch.device("cpu")
+    assert ops.resolve_backend("valid_pooled_index", None, cpu) == "ext"
     with pytest.raises(ValueError, match="unknown kernel backend"):
-        ops.resolve_backend("pool_sample", "fastest", torch.device("cpu"))
-    with pytest.raises(RuntimeError, match="has no implementation of pool_sample"):
-        ops.pool_sample(torch.randn(1, 2, 2, 2), torch.tensor([0]), backend="triton")
+        ops.resolve_backend("pool_sample", "fastest", cpu)
+    with pytest.raises(RuntimeError, match="has no implementation of valid_pooled_index"):
+        ops.valid_pooled_index(torch.tensor([[1, 1]]), 2, 2, backend="triton")
     monkeypatch.setenv("PIXELBERT_KERNELS", "reference")
-    assert ops.resolve_backend("valid_pooled_index", None, torch.device("cpu")) == "reference"
-    ops.set_default_backend("ext")
+    assert ops.resolve_backend("valid_pooled_index", None, cpu) == "reference"
+    assert ops.resolve_backend("pool_sample", None, cpu) == "reference"
+    monkeypatch.delenv("PIXELBERT_KERNELS")
+    ops.set_default_backend("triton")  # as model.kernels="triton" does
     try:
-        monkeypatch.delenv("PIXELBERT_KERNELS")
-        with pytest.raises(RuntimeError, match="no implementation of embed_layernorm"):
-            ops.resolve_backend("embed_layernorm", None, torch.device("cpu"))
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            ops.resolve_backend("embed_layernorm", None, cpu)
     finally:
         ops.set_default_backend(None)
