@@ -44,11 +44,6 @@ def output_rows(n_rows: int, dim: int, dtype: torch.dtype, device: torch.device,
     return out, flat_index(out_index)
 
 
-def overwritten_rows_grad(grad: torch.Tensor, out_index: torch.Tensor) -> torch.Tensor:
-    """Gradient of the incoming `out` buffer: `grad` with the rows the op overwrote zeroed."""
-    return grad.index_fill(0, out_index.long(), 0)
-
-
 def num_warps_for(elements: int) -> int:
     """Warps for a program handling `elements` values per tile: ~16 values per thread, 1 to 8 warps."""
     return max(1, min(8, elements // 512))

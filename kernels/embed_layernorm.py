@@ -17,8 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from pixelbert.reference import overwritten_rows_grad
+
 from ._utils import (flat_index, launch_device, num_warps_for, output_rows,
-                     overwritten_rows_grad, reduction_programs, row_offsets, unit_column_stride)
+                     reduction_programs, row_offsets, unit_column_stride)
 
 # The most rows one program of the scatter sums before its partial sum is combined with the
 # other chunks of the same id: bounds the serial work of a program when one id has 90k rows.

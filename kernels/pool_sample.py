@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (flat_index, launch_device, num_warps_for, output_rows,
-                     overwritten_rows_grad, row_offsets)
+from pixelbert.reference import overwritten_rows_grad
+
+from ._utils import flat_index, launch_device, num_warps_for, output_rows, row_offsets
 
 
 @triton.jit

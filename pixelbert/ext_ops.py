@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from pixelbert import _C
+from pixelbert.reference import overwritten_rows_grad
 
 
 def _autograd(*tensors: Optional[torch.Tensor]) -> bool:
@@ -26,13 +27,6 @@ def _wrote(out: torch.Tensor) -> None:
     """Count a write into `out` outside autograd as an in-place op (autograd's saved-tensor
     check then catches a stale use of it, as after any in-place torch op)."""
     torch.autograd.graph.increment_version(out)
-
-
-def _grad_of_buffer(grad: torch.Tensor, out_index: torch.Tensor) -> torch.Tensor:
-    """The gradient for the `out` that was passed in: grad_out with the written rows zeroed."""
-    grad = grad.clone()
-    grad.index_fill_(0, out_index.long(), 0)
-    return grad
 
 
 def _channels_last(feat: torch.Tensor) -> bool:
@@ -63,7 +57,7 @@ class _PoolSample(torch.autograd.Function):
         need_feat, _, need_type, need_out, _ = ctx.needs_input_grad
         grad_feat, grad_type = _C.pool_sample_backward(
             grad, index, argmax, out_index, ctx.feat_shape, ctx.channels_last, need_feat, need_type)
-        grad_out = _grad_of_buffer(grad, out_index) if need_out else None
+        grad_out = overwritten_rows_grad(grad, out_index) if need_out else None
         return grad_feat, None, grad_type, grad_out, None
 
 
@@ -89,7 +83,7 @@ class _EmbedLayerNorm(torch.autograd.Function):
         grads = _C.embed_layernorm_backward(
             grad, input_ids, position_ids, token_type_ids, word, position, token_type, weight,
             bias, mean, rstd, out_index, needs[3], needs[4], needs[5], needs[6], needs[7])
-        grad_out = _grad_of_buffer(grad, out_index) if needs[9] else None
+        grad_out = overwritten_rows_grad(grad, out_index) if needs[9] else None
         return (None, None, None, *grads, None, grad_out, None)
 
 

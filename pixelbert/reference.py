@@ -23,6 +23,12 @@ def place_rows(rows: torch.Tensor, out: Optional[torch.Tensor],
     return out.index_copy_(0, out_index.long(), rows.to(out.dtype))
 
 
+def overwritten_rows_grad(grad: torch.Tensor, out_index: torch.Tensor) -> torch.Tensor:
+    """The gradient `place_rows` passes back to `out` as it was: `grad` with the overwritten rows
+    zeroed (what autograd derives for index_copy_; the fast backends return it explicitly)."""
+    return grad.index_fill(0, out_index.long(), 0)
+
+
 def pool_sample(feat: torch.Tensor, index: torch.Tensor,
                 type_embedding: Optional[torch.Tensor] = None, *,
                 out: Optional[torch.Tensor] = None, out_index: Optional[torch.Tensor] = None) -> torch.Tensor:
