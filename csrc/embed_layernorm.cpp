@@ -96,17 +96,6 @@ EmbedArgs make_args(const torch::Tensor& input_ids, const torch::Tensor& positio
   return a;
 }
 
-torch::Tensor check_out_index(const c10::optional<torch::Tensor>& out_index, int64_t rows,
-                              const torch::Device& device) {
-  const auto& t = *out_index;
-  TORCH_CHECK(t.scalar_type() == torch::kInt32 || t.scalar_type() == torch::kInt64,
-              "embed_layernorm: out_index must be int32 or int64, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == device, "embed_layernorm: out_index is on ", t.device(), ", expected ", device);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == rows, "embed_layernorm: out_index must be [", rows,
-              "], got ", t.sizes());
-  return t.contiguous();
-}
-
 // sum over d < n of f(d), in kLanes independent fp32 accumulators: a plain `sum += f(d)` is one
 // serial chain of dependent adds (the compiler may not reorder float adds), several times slower
 // than the rest of a row's work; independent lanes vectorise and pipeline.
@@ -443,21 +432,10 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> embed_layernorm_forward(
                                 weight, bias);
   TORCH_CHECK(eps >= 0, "embed_layernorm: eps must be >= 0, got ", eps);
   const auto device = word.device();
-  const bool has_out = out.has_value() && out->defined();
-  const bool has_out_index = out_index.has_value() && out_index->defined();
-  TORCH_CHECK(has_out == has_out_index, "embed_layernorm: out and out_index go together");
-  torch::Tensor result, dst_index;
-  if (has_out) {
-    result = *out;
-    TORCH_CHECK(result.dim() == 2 && result.size(1) == a.dim, "embed_layernorm: out must be [M, ",
-                a.dim, "], got ", result.sizes());
-    TORCH_CHECK(result.scalar_type() == word.scalar_type() && result.device() == device,
-                "embed_layernorm: out is ", result.scalar_type(), " on ", result.device(),
-                ", expected ", word.scalar_type(), " on ", device);
-    TORCH_CHECK(result.stride(1) == 1 || a.dim == 1,
-                "embed_layernorm: out must have unit stride along its last dimension");
-    dst_index = check_out_index(out_index, a.rows, device);
-  } else {
+  torch::Tensor dst_index;
+  torch::Tensor result = checked_out_buffer("embed_layernorm", out, out_index, a.rows, a.dim, word, dst_index);
+  const bool has_out = result.defined();
+  if (!has_out) {
     auto shape = input_ids.sizes().vec();
     shape.push_back(a.dim);
     result = torch::empty(shape, word.options());
@@ -509,7 +487,7 @@ std::vector<torch::Tensor> embed_layernorm_backward(
   torch::Tensor grad = grad_in.to(word.scalar_type()).reshape({-1, a.dim});
   if (has_out_index) {
     TORCH_CHECK(grad_in.dim() == 2, "embed_layernorm backward: grad of an out buffer must be [M, D]");
-    src_index = check_out_index(out_index, a.rows, device);
+    src_index = checked_index("embed_layernorm", "out_index", *out_index, a.rows, device);
   } else {
     TORCH_CHECK(grad.size(0) == a.rows, "embed_layernorm backward: grad has ", grad.size(0),
                 " rows, ids ", a.rows);

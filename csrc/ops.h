@@ -106,6 +106,18 @@ inline bool is_fast_float(c10::ScalarType t) {
   return t == torch::kFloat32 || t == torch::kFloat16 || t == torch::kBFloat16;
 }
 
+// `t` checked as a 1-D int32/int64 tensor on `device` with `rows` entries (any count if rows < 0),
+// returned contiguous; errors name `op` and `name` (csrc/out_buffer.cpp).
+torch::Tensor checked_index(const char* op, const char* name, const torch::Tensor& t, int64_t rows,
+                            const torch::Device& device);
+
+// The optional output buffer of an op writing `rows` rows of width `dim`: `out` checked against
+// `like`'s dtype and device (unit column stride), with `dst_index` set to the checked out_index;
+// an undefined tensor when no buffer was given.
+torch::Tensor checked_out_buffer(const char* op, const c10::optional<torch::Tensor>& out,
+                                 const c10::optional<torch::Tensor>& out_index, int64_t rows,
+                                 int64_t dim, const torch::Tensor& like, torch::Tensor& dst_index);
+
 // A read-only view of a contiguous int32/int64 index tensor (undefined tensor: a null view).
 inline IndexView index_view(const torch::Tensor& t) {
   if (!t.defined()) return IndexView{};

@@ -19,16 +19,6 @@
 namespace pixelbert {
 namespace {
 
-void check_index_tensor(const char* name, const torch::Tensor& t, int64_t rows,
-                        const torch::Device& device) {
-  TORCH_CHECK(t.scalar_type() == torch::kInt32 || t.scalar_type() == torch::kInt64,
-              "pool_sample: ", name, " must be int32 or int64, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == device, "pool_sample: ", name, " is on ", t.device(),
-              ", expected ", device);
-  TORCH_CHECK(t.dim() == 1 && (rows < 0 || t.size(0) == rows), "pool_sample: ", name,
-              " must be 1-D", rows < 0 ? "" : " with one entry per row", ", got ", t.sizes());
-}
-
 PoolGeometry geometry_of(const torch::Tensor& feat) {
   PoolGeometry g;
   g.channels = feat.size(1);
@@ -181,7 +171,7 @@ std::tuple<torch::Tensor, torch::Tensor> pool_sample_forward(
   const auto device = feat.device();
   TORCH_CHECK(device.is_cpu() || device.is_cuda(), "pool_sample: feat must be a CPU or CUDA tensor, got ",
               device);
-  check_index_tensor("index", index, -1, device);
+  checked_index("pool_sample", "index", index, -1, device);
   const int64_t rows = index.size(0), channels = feat.size(1);
 
   torch::Tensor type;
@@ -194,24 +184,9 @@ std::tuple<torch::Tensor, torch::Tensor> pool_sample_forward(
     TORCH_CHECK(type.scalar_type() == feat.scalar_type(), "pool_sample: type_embedding is ",
                 type.scalar_type(), ", feat ", feat.scalar_type());
   }
-  const bool has_out = out.has_value() && out->defined();
-  const bool has_out_index = out_index.has_value() && out_index->defined();
-  TORCH_CHECK(has_out == has_out_index, "pool_sample: out and out_index go together");
-  torch::Tensor result, dst_index;
-  if (has_out) {
-    result = *out;
-    TORCH_CHECK(result.dim() == 2 && result.size(1) == channels, "pool_sample: out must be [M, ",
-                channels, "], got ", result.sizes());
-    TORCH_CHECK(result.scalar_type() == feat.scalar_type() && result.device() == device,
-                "pool_sample: out is ", result.scalar_type(), " on ", result.device(), ", expected ",
-                feat.scalar_type(), " on ", device);
-    TORCH_CHECK(result.stride(1) == 1 || channels == 1,
-                "pool_sample: out must have unit stride along its last dimension");
-    check_index_tensor("out_index", *out_index, rows, device);
-    dst_index = out_index->contiguous();
-  } else {
-    result = torch::empty({rows, channels}, feat.options());
-  }
+  torch::Tensor dst_index;
+  torch::Tensor result = checked_out_buffer("pool_sample", out, out_index, rows, channels, feat, dst_index);
+  if (!result.defined()) result = torch::empty({rows, channels}, feat.options());
   torch::Tensor argmax;
   if (save_argmax) argmax = torch::empty({rows, channels}, feat.options().dtype(torch::kUInt8));
   if (rows == 0 || channels == 0) return {result, argmax};
@@ -249,13 +224,12 @@ std::tuple<torch::Tensor, torch::Tensor> pool_sample_backward(
               "pool_sample backward: grad must be float32, float16 or bfloat16, got ", grad_in.scalar_type());
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(1) == channels,
               "pool_sample backward: grad must be [rows, ", channels, "], got ", grad_in.sizes());
-  check_index_tensor("index", index, -1, device);
+  checked_index("pool_sample", "index", index, -1, device);
   const int64_t rows = index.size(0);
   const bool has_out_index = out_index.has_value() && out_index->defined();
   torch::Tensor src_index;
   if (has_out_index) {
-    check_index_tensor("out_index", *out_index, rows, device);
-    src_index = out_index->contiguous();
+    src_index = checked_index("pool_sample", "out_index", *out_index, rows, device);
   } else {
     TORCH_CHECK(grad_in.size(0) == rows, "pool_sample backward: grad has ", grad_in.size(0),
                 " rows, index ", rows);
