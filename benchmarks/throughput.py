@@ -17,19 +17,23 @@ images are decoded, resized to the config's resolution, normalised and padded by
 Modes (one process, one after the other, the same pairs per step; world size 1):
 - engine: the config as shipped with data.captions_per_image=1 (one caption per image: the
   headline ratio compares the same number of CNN passes), kernels auto, packed sequences,
-  attention auto, channels-last on a GPU, DALI on a GPU when installed.
+  attention auto, channels-last on a GPU, DALI on a GPU when installed, the fused optimiser
+  step on a GPU (train.optimizer_kernel=auto).
 - engine-grouped: engine with data.captions_per_image=5 (the CNN runs once per 5 pairs).
 - baseline: the same model math with the plain pieces: model.kernels=reference,
   model.packed_sequences=false, model.attention=sdpa, model.channels_last=false,
-  data.decoder=pil; on a GPU fp32 weights under bf16 torch.autocast (DeepSpeed bf16 off).
+  data.decoder=pil, train.optimizer_kernel=foreach (torch.optim's default on a GPU); on a GPU
+  fp32 weights under bf16 torch.autocast (DeepSpeed bf16 off).
 - baseline-tuned: baseline + channels-last + torch.compile of the CNN
-  (model.compile_backbone=default). No fused AdamW: the engine's optimiser (SGDAdamW, one
-  ZeRO-partitionable optimiser for the paper's SGD + AdamW split) has no fused switch.
+  (model.compile_backbone=default) + the fused optimiser step (train.optimizer_kernel=fused,
+  torch's fused SGD and AdamW kernels).
 - baseline-fp32: baseline in fp32 (no autocast, DeepSpeed bf16 off).
-- engine-no-kernels / engine-no-packing / engine-no-decoder: engine with one fast path off
-  (model.kernels=reference / model.packed_sequences=false / data.decoder=pil).
+- engine-no-kernels / engine-no-packing / engine-no-decoder / engine-no-fused-optim: engine
+  with one fast path off (model.kernels=reference / model.packed_sequences=false /
+  data.decoder=pil / train.optimizer_kernel=foreach).
 On the CPU (configs/tiny.json, fp32) baseline and baseline-fp32 are the same run, and
-engine-no-decoder equals engine (data.decoder=auto takes PIL on a CPU); they still run, so
+engine-no-decoder and engine-no-fused-optim equal engine (data.decoder=auto takes PIL and
+train.optimizer_kernel=auto takes foreach on a CPU); they still run, so
 every row is present.
 
 Per mode, over the timed steps after the warm-up steps (medians):
@@ -98,7 +102,7 @@ CSV_FIELDS = ["device", "date", "commit", "config", "mode", "batch_pairs", "imag
               "backbone_fwd_ms", "encoder_heads_ms", "backward_ms", "optimizer_ms", "other_ms",
               "gflop_per_step", "tflops", "peak_fraction", "peak_mem_mb", "vs_baseline", "error"]
 ALL_MODES = ("engine", "engine-grouped", "baseline", "baseline-tuned", "baseline-fp32",
-             "engine-no-kernels", "engine-no-packing", "engine-no-decoder")
+             "engine-no-kernels", "engine-no-packing", "engine-no-decoder", "engine-no-fused-optim")
 GROUPED_CAPTIONS = 5  # COCO's captions per image
 CHECKPOINTING = ["model.checkpoint_backbone=true", "model.checkpoint_encoder=true"]
 WORDS = {  # COCO-like captions: "a small red dog sitting next to a wooden table in a kitchen"
@@ -169,12 +173,14 @@ class Mode:
 def build_modes(on_gpu: bool, bf16: bool, compile_cnn: bool = True) -> dict[str, Mode]:
     engine = ["data.captions_per_image=1"] + (["model.channels_last=true"] if on_gpu else [])
     plain = ["model.kernels=reference", "model.packed_sequences=false", "model.attention=sdpa",
-             "model.channels_last=false", "data.decoder=pil", "data.captions_per_image=1"]
+             "model.channels_last=false", "data.decoder=pil", "data.captions_per_image=1",
+             "train.optimizer_kernel=foreach"]
     fp32 = ['deepspeed.bf16={"enabled": false}']
     # A plain PyTorch bf16 run keeps fp32 weights and autocasts; on the CPU everything is fp32.
     mixed = on_gpu and bf16
     baseline = plain + (fp32 if mixed else [])
-    tuned = baseline + ["model.channels_last=true"] + (["model.compile_backbone=default"] if compile_cnn else [])
+    tuned = (baseline + ["model.channels_last=true", "train.optimizer_kernel=fused"]
+             + (["model.compile_backbone=default"] if compile_cnn else []))
     return {m.name: m for m in [
         Mode("engine", engine),
         Mode("engine-grouped", engine + [f"data.captions_per_image={GROUPED_CAPTIONS}"]),
@@ -184,6 +190,7 @@ def build_modes(on_gpu: bool, bf16: bool, compile_cnn: bool = True) -> dict[str,
         Mode("engine-no-kernels", engine + ["model.kernels=reference"]),
         Mode("engine-no-packing", engine + ["model.packed_sequences=false"]),
         Mode("engine-no-decoder", engine + ["data.decoder=pil"]),
+        Mode("engine-no-fused-optim", engine + ["train.optimizer_kernel=foreach"]),
     ]}
 
 
@@ -425,7 +432,7 @@ def add_ratios(results: list[dict], peak: dict) -> dict:
         r["vs_baseline"] = r["samples_per_s"] / base["samples_per_s"] if base else None
     pairs = [("engine", other) for other in ("baseline", "baseline-tuned", "baseline-fp32")]
     pairs += [("engine-grouped", "baseline"), ("engine-grouped", "engine")]
-    pairs += [("engine", ablation) for ablation in ("engine-no-kernels", "engine-no-packing", "engine-no-decoder")]
+    pairs += [("engine", ablation) for ablation in ALL_MODES if ablation.startswith("engine-no-")]
     return {f"{a}/{b}": ok[a]["samples_per_s"] / ok[b]["samples_per_s"] for a, b in pairs if a in ok and b in ok}
 
 
@@ -657,13 +664,12 @@ def main(argv=None) -> int:
                 "warm-up steps; a new padded image size may recompile); its FLOPs are baseline's count"
                 if not args.quick else "baseline-tuned: --quick leaves torch.compile out (compiling the CNN "
                 "takes about a minute on 2 CPU cores): channels-last only",
-                "baseline-tuned: no fused AdamW: the engine's optimiser (SGDAdamW, SGD for the CNN + AdamW "
-                "for the rest in one ZeRO-partitionable optimiser) has no fused switch",
                 "gradient_accumulation_steps forced to 1: a step is one micro-batch and one optimiser step",
             ]}
     if not cuda:
         meta["notes"].append("CPU: every mode runs fp32 (tiny.json has no bf16), so baseline = baseline-fp32; "
-                             "data.decoder=auto takes PIL on a CPU, so engine-no-decoder = engine")
+                             "data.decoder=auto takes PIL and train.optimizer_kernel=auto takes foreach on "
+                             "a CPU, so engine-no-decoder = engine-no-fused-optim = engine")
 
     shm = Path("/dev/shm")
     tmp = Path(tempfile.mkdtemp(prefix="pixelbert-throughput-", dir=shm if shm.is_dir() else None))

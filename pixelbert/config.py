@@ -32,6 +32,7 @@ CAPTION_FORMATS = ("coco_captions", "vg_regions", "karpathy")
 DECODERS = ("auto", "dali", "pil")
 LR_SCHEDULES = ("linear", "step", "constant")
 TASKS = ("pretrain", "vqa", "nlvr2", "retrieval")
+OPTIMIZER_KERNELS = ("auto", "fused", "foreach")
 # The source format each fine-tuning task trains and evaluates on.
 TASK_FORMATS = {"vqa": ("vqa",), "nlvr2": ("nlvr2",), "retrieval": ("karpathy", "coco_captions")}
 
@@ -208,6 +209,10 @@ class TrainConfig:
     warmup_steps: int = 0
     decay_milestones: list[int] = field(default_factory=list)  # for "step": steps where lr *= decay_gamma
     decay_gamma: float = 0.1
+    # How the optimiser step runs: "fused" (one kernel per parameter group: torch's
+    # _fused_sgd_/_fused_adamw_), "foreach" (multi-tensor ops), or "auto" (fused when every
+    # parameter is on the GPU, else foreach). Same math either way (tested against torch.optim).
+    optimizer_kernel: str = "auto"
 
     def validate(self) -> None:
         _positive(self, "max_steps", "log_every")
@@ -225,6 +230,7 @@ class TrainConfig:
         _choice(self, "lr_schedule", LR_SCHEDULES)
         _choice(self, "task", TASKS)
         _choice(self, "backbone_optimizer", ("sgd", "adamw"))
+        _choice(self, "optimizer_kernel", OPTIMIZER_KERNELS)
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ConfigError(f"train.warmup_steps must be in [0, train.max_steps], got {self.warmup_steps}")
         if sorted(self.decay_milestones) != self.decay_milestones or any(m < 1 for m in self.decay_milestones):

@@ -50,6 +50,7 @@ def test_source_list_override(config_file):
     ("model.num_attention_heads=5", "must be divisible by model.num_attention_heads"),
     ("model.pixel_samples=0", "model.pixel_samples must be >= 1"),
     ("model.backbone=vgg16", "model.backbone must be one of"),
+    ("train.optimizer_kernel=apex", "train.optimizer_kernel must be one of"),
     ("model.hidden_dropout_prob=1.5", "model.hidden_dropout_prob must be in [0, 1]"),
     ("data.image_shorter=32", "data.image_shorter must be >= 64"),
     ("data.train=[{\"format\": \"csv\", \"annotations\": \"a\", \"images\": \"b\"}]", "data.train[0].format"),

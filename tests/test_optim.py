@@ -10,29 +10,66 @@ from pixelbert.model import PixelBert
 from tests.helpers import tiny_config
 
 
-def test_matches_torch_sgd_and_adamw():
+def _hybrid(params, kernel):
+    return SGDAdamW([
+        dict(params=params[:2], algorithm="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4),
+        dict(params=params[2:], algorithm="adamw", lr=1e-2, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.1),
+    ], kernel=kernel)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("kernel", ["fused", "foreach", "auto"])
+def test_matches_torch_sgd_and_adamw(kernel, device):
+    """Every kernel takes the steps torch.optim.SGD and AdamW (their plain for-loop versions)
+    take, also across a state_dict save and load in the middle of the run."""
     torch.manual_seed(0)
-    params = [torch.randn(7, 5), torch.randn(13), torch.randn(3, 3), torch.randn(4)]
-    ours = [p.clone().requires_grad_() for p in params]
-    theirs = [p.clone().requires_grad_() for p in params]
-    hybrid = SGDAdamW([
-        dict(params=ours[:2], algorithm="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4),
-        dict(params=ours[2:], algorithm="adamw", lr=1e-2, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.1),
-    ])
-    sgd = torch.optim.SGD(theirs[:2], lr=0.05, momentum=0.9, weight_decay=5e-4)
-    adamw = torch.optim.AdamW(theirs[2:], lr=1e-2, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.1)
-    for step in range(6):
+    params = [torch.randn(7, 5), torch.randn(13), torch.randn(3, 3, 2, 1), torch.randn(4), torch.randn(1)]
+    ours = [p.clone().to(device).requires_grad_() for p in params]
+    theirs = [p.clone().to(device).requires_grad_() for p in params]
+    hybrid = _hybrid(ours, kernel)
+    sgd = torch.optim.SGD(theirs[:2], lr=0.05, momentum=0.9, weight_decay=5e-4, foreach=False)
+    adamw = torch.optim.AdamW(theirs[2:], lr=1e-2, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.1, foreach=False)
+    for step in range(8):
+        if step == 4:  # resume into a fresh optimiser
+            state = hybrid.state_dict()
+            hybrid = _hybrid(ours, kernel)
+            hybrid.load_state_dict(state)
         grads = [torch.randn_like(p) for p in params]
-        for group, opt in ((ours, hybrid), (theirs, None)):
+        for group in (ours, theirs):
             for p, g in zip(group, grads):
-                p.grad = g.clone()
+                p.grad = g.to(device)
         hybrid.step()
         sgd.step()
         adamw.step()
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b)
-    state = hybrid.state_dict()  # round-trips like any torch optimiser
-    SGDAdamW([dict(params=ours[:2], algorithm="sgd"), dict(params=ours[2:], algorithm="adamw")]).load_state_dict(state)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(not torch.equal(a.cpu(), p) for a, p in zip(ours, params))  # they did move
+
+
+def test_resumes_state_written_with_an_int_step():
+    """Checkpoints of older versions hold AdamW's step as an int; both kernels take them."""
+    torch.manual_seed(0)
+    params = [torch.randn(6, requires_grad=True) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    reference = _hybrid(params, "foreach")
+    reference.step()
+    state = reference.state_dict()
+    for entry in state["state"].values():
+        if "step" in entry:
+            entry["step"] = int(entry["step"])
+    for kernel in ("fused", "foreach"):
+        resumed = _hybrid([p.detach().clone().requires_grad_() for p in params], kernel)
+        resumed.load_state_dict(state)
+        for p in resumed.param_groups[1]["params"]:
+            p.grad = torch.ones_like(p)
+        resumed.step()
+        assert all(float(resumed.state[p]["step"]) == 2.0 for p in resumed.param_groups[1]["params"])
+
+
+def test_unknown_kernel_is_rejected():
+    with pytest.raises(ValueError, match="unknown optimiser kernel"):
+        _hybrid([torch.zeros(1, requires_grad=True)] * 3, "apex")
 
 
 def test_param_groups_split_backbone_and_decay():

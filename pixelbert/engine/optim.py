@@ -8,11 +8,11 @@ key) and the step applies the right rule to whatever tensors a group holds.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
+from torch.optim.adamw import adamw as adamw_update
 from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.sgd import sgd as sgd_update
 
 from pixelbert.config import TrainConfig
 
@@ -20,17 +20,28 @@ from pixelbert.config import TrainConfig
 class SGDAdamW(torch.optim.Optimizer):
     """Per-group SGD with momentum (`algorithm="sgd"`) or AdamW (`algorithm="adamw"`).
 
-    SGD follows torch.optim.SGD (coupled L2 decay, no dampening); AdamW follows
-    torch.optim.AdamW (decoupled decay, bias-corrected moments).
+    The update rules are torch's own (torch.optim.sgd.sgd and torch.optim.adamw.adamw: SGD
+    with coupled L2 decay and no dampening, AdamW with decoupled decay and bias-corrected
+    moments), run as one fused kernel per group (`kernel="fused"`) or as multi-tensor foreach
+    ops (`"foreach"`); `"auto"` picks fused when a group's tensors are all on the GPU.
     """
 
-    def __init__(self, param_groups, *, lr=1e-3, momentum=0.9, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, param_groups, *, lr=1e-3, momentum=0.9, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.0, kernel="auto"):
+        if kernel not in ("auto", "fused", "foreach"):
+            raise ValueError(f"unknown optimiser kernel {kernel!r}: auto, fused or foreach")
         defaults = dict(lr=lr, momentum=momentum, betas=tuple(betas), eps=eps,
                         weight_decay=weight_decay, algorithm="adamw")
         super().__init__(param_groups, defaults)
+        self.kernel = kernel
         for group in self.param_groups:
             if group["algorithm"] not in ("sgd", "adamw"):
                 raise ValueError(f"unknown optimiser algorithm {group['algorithm']!r}")
+
+    def _fused(self, params: list[torch.Tensor]) -> bool:
+        if self.kernel == "auto":
+            return all(p.is_cuda for p in params)
+        return self.kernel == "fused"
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -42,44 +53,43 @@ class SGDAdamW(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
+            fused = self._fused(params)
             if group["algorithm"] == "sgd":
-                self._sgd(group, params)
+                self._sgd(group, params, fused)
             else:
-                self._adamw(group, params)
+                self._adamw(group, params, fused)
         return loss
 
-    def _sgd(self, group, params):
-        grads = [p.grad for p in params]
-        if group["weight_decay"]:
-            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+    def _sgd(self, group, params, fused):
+        buffers = [self.state[p].get("momentum_buffer") for p in params]
+        sgd_update(params, [p.grad for p in params], buffers, foreach=not fused, fused=fused,
+                   weight_decay=group["weight_decay"], momentum=group["momentum"],
+                   lr=group["lr"], dampening=0.0, nesterov=False, maximize=False)
         if group["momentum"]:
-            buffers = []
-            for p, g in zip(params, grads):
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = g.detach().clone()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(g)
-                buffers.append(state["momentum_buffer"])
-            grads = buffers
-        torch._foreach_add_(params, grads, alpha=-group["lr"])
+            for p, buffer in zip(params, buffers):  # sgd() creates the buffers on the first step
+                self.state[p]["momentum_buffer"] = buffer
 
-    def _adamw(self, group, params):
-        beta1, beta2 = group["betas"]
+    def _adamw(self, group, params, fused):
         for p in params:
             state = self.state[p]
             if not state:
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
+            # The step count is a float tensor: on the parameter's device for the fused kernel,
+            # on the CPU for foreach. Checkpoints load it onto the CPU (or as an int, written
+            # by older versions), so it is placed here, where the kernel is known.
+            device = p.device if fused else torch.device("cpu")
             step = state["step"]
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            state["exp_avg"].lerp_(p.grad, 1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            step_size = group["lr"] / (1 - beta1 ** step)
-            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
-            p.addcdiv_(state["exp_avg"], denom, value=-step_size)
+            if not torch.is_tensor(step) or step.device != device:
+                state["step"] = torch.as_tensor(step, dtype=torch.float32, device=device)
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        adamw_update(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
+            foreach=not fused, fused=fused, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -115,7 +125,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> SGDAdamW:
-    return SGDAdamW(param_groups(model, cfg))
+    return SGDAdamW(param_groups(model, cfg), kernel=cfg.optimizer_kernel)
 
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
