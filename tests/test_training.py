@@ -102,11 +102,13 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, synthetic_di
     assert (interrupted / "checkpoints" / "latest").read_text() == "step_6"
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_two_rank_resume_equals_uninterrupted(tmp_path, synthetic_dir, stage):
-    # Partitioned optimiser state and gradients, and one RNG file per rank.
+@pytest.mark.parametrize("stage, kernel", [(2, "foreach"), (3, "fused")])
+def test_zero_two_rank_resume_equals_uninterrupted(tmp_path, synthetic_dir, stage, kernel):
+    # Partitioned optimiser state and gradients, and one RNG file per rank; each optimiser
+    # kernel resumes its own state (torch's fused kernels run on the CPU too).
     common = SMALL + ["train.max_steps=4", "train.save_every=2", "data.num_workers=0",
-                      "deepspeed.train_micro_batch_size_per_gpu=4", f"deepspeed.zero_optimization.stage={stage}"]
+                      "deepspeed.train_micro_batch_size_per_gpu=4", f"deepspeed.zero_optimization.stage={stage}",
+                      f"train.optimizer_kernel={kernel}"]
     straight = run_train(tmp_path / "straight", synthetic_dir, common, ranks=2)
     run_train(tmp_path / "interrupted", synthetic_dir, common + ["train.stop_at_step=2"], ranks=2)
     resumed = run_train(tmp_path / "interrupted", synthetic_dir, common + ["train.resume=true"], ranks=2)
