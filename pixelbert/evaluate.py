@@ -78,7 +78,9 @@ def vqa_annotations(cfg, split: str) -> list[dict]:
     return [a for s in sources if s.annotations for a in read_json(s.annotations)["annotations"]]
 
 
-def evaluate_nlvr2(model, cfg, records, tokenizer, device: torch.device) -> dict:
+def evaluate_nlvr2(model, cfg, records, tokenizer, device: torch.device, train_records=()) -> dict:
+    """Accuracy and consistency, beside two blind baselines: the majority label, and with
+    `train_records` the statement prior (each sentence's majority label in training)."""
     dataset = TaskDataset("nlvr2", records, tokenizer, cfg.data)
     predictions, labels = {}, {}
     for batch in batches(dataset, tokenizer.pad_id, cfg.data.pad_multiple, range(len(dataset)), device):
@@ -87,7 +89,20 @@ def evaluate_nlvr2(model, cfg, records, tokenizer, device: torch.device) -> dict
             predictions[identifier], labels[identifier] = bool(p), bool(label)
     report = evaluation.nlvr2_accuracy(predictions, labels)
     report["majority_label_baseline"] = 100.0 * max(sum(labels.values()), len(labels) - sum(labels.values())) / len(labels)
+    if train_records:
+        sentences = {r.identifier: r.text for r in records}
+        report["statement_prior_baseline"] = evaluation.nlvr2_statement_prior(
+            ((r.text, r.label) for r in train_records), labels, sentences)
     return report
+
+
+def nlvr2_train(cfg, split: str, dist: DistInfo) -> list:
+    """The training statements for the statement-prior baseline (none when they are missing)."""
+    try:
+        return read_task_records(cfg, "train", dist)
+    except FileNotFoundError as e:
+        print(f"no statement-prior baseline: {e}", file=sys.stderr)
+        return []
 
 
 def retrieval_scores(model, cfg, records, tokenizer, dist: DistInfo, shortlist: int) -> tuple[torch.Tensor, list[int]]:
@@ -180,7 +195,7 @@ def main(argv=None) -> int:
         if task == "vqa":
             report = evaluate_vqa(model, cfg, records, tokenizer, answers, run_dir, args.split, dist.device)
         elif task == "nlvr2":
-            report = evaluate_nlvr2(model, cfg, records, tokenizer, dist.device)
+            report = evaluate_nlvr2(model, cfg, records, tokenizer, dist.device, nlvr2_train(cfg, args.split, dist))
         else:
             scores, img_of_text = retrieval_scores(model, cfg, records, tokenizer, dist, cfg.task.shortlist)
             report = evaluation.retrieval_recall(scores, img_of_text)

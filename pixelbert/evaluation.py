@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import re
 from collections import Counter
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -340,6 +340,29 @@ def _check_bool(value, what: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{what} must be a bool, got {type(value).__name__} {value!r}")
     return bool(value)
+
+
+def nlvr2_statement_prior(train: Iterable[tuple[str, bool]], labels: Mapping[str, bool],
+                          sentences: Mapping[str, str]) -> float:
+    """A blind NLVR2 baseline, in percent: each evaluation statement gets the majority label of
+    the same sentence (lower-cased, whitespace collapsed) among the training statements, or the
+    overall training majority for a sentence never seen there. What a model that reads the
+    statement but not the images can reach."""
+    norm = lambda text: " ".join(text.lower().split())  # noqa: E731
+    votes: dict[str, list[int]] = {}
+    overall = [0, 0]
+    for text, label in train:
+        votes.setdefault(norm(text), [0, 0])[int(label)] += 1
+        overall[int(label)] += 1
+    if not labels:
+        raise ValueError("labels is empty: there is no example to evaluate")
+    fallback = overall[1] > overall[0]
+    correct = 0
+    for identifier, label in labels.items():
+        count = votes.get(norm(sentences[identifier]))
+        guess = count[1] > count[0] if count and count[0] != count[1] else fallback
+        correct += guess == label
+    return 100.0 * correct / len(labels)
 
 
 def nlvr2_accuracy(predictions: Mapping[str, bool], labels: Mapping[str, bool]) -> dict:

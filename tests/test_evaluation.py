@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pixelbert.evaluation import (_CONTRACTIONS, normalize_answer, nlvr2_accuracy,
+from pixelbert.evaluation import (_CONTRACTIONS, normalize_answer, nlvr2_accuracy, nlvr2_statement_prior,
                                   retrieval_recall, vqa_accuracy)
 
 # ------------------------------------------------------------------ normalize_answer
@@ -302,3 +302,18 @@ def test_nlvr2_errors():
         nlvr2_accuracy({"dev-1-0": True}, {"dev-1-0": True})
     with pytest.raises(TypeError, match="bool"):
         nlvr2_accuracy({"dev-1-0-0": "True", "dev-1-1-0": False}, labels)
+
+
+def test_nlvr2_statement_prior():
+    train = [("The left image contains a red circle", True), ("the left image  contains a red circle", True),
+             ("the left image contains a red circle", False),          # 2 True : 1 False -> True
+             ("neither image contains a blue shape", False),           # -> False
+             ("both images contain a bar", True), ("both images contain a bar", False),  # tie
+             ("one of the images contains exactly two shapes", False)]  # overall: 3 True, 4 False
+    sentences = {"dev-0-0-0": "the left image contains a red circle", "dev-0-1-0": "neither image contains a blue shape",
+                 "dev-1-0-0": "both images contain a bar", "dev-1-1-0": "a sentence never seen in training"}
+    labels = {"dev-0-0-0": True, "dev-0-1-0": True, "dev-1-0-0": False, "dev-1-1-0": True}
+    # guesses: True (right), False (wrong), tie -> overall majority False (right), unseen -> False (wrong)
+    assert nlvr2_statement_prior(train, labels, sentences) == pytest.approx(50.0)
+    with pytest.raises(ValueError, match="empty"):
+        nlvr2_statement_prior(train, {}, sentences)
