@@ -59,6 +59,10 @@ class ModelConfig:
     freeze_stem: bool = True  # stem + first stage get no gradient
     channels_last: bool = False
     pixel_samples: int = 100  # positions sampled per image in pre-training
+    # Initialisation of the pooler and of the ITM / task heads: "bert" (normal, std
+    # initializer_range) or "fan_in" (normal, std 1/sqrt(fan-in)). ITM is a pure interaction
+    # task: at BERT's small init its loss sits at ln 2 far longer (measured on the tiny model).
+    head_init: str = "bert"
     # Text side initialisation: local Hugging Face BERT folder or weights file.
     bert_checkpoint: Optional[str] = None
     # Backends.
@@ -83,6 +87,7 @@ class ModelConfig:
         _choice(self, "hidden_act", HIDDEN_ACTS)
         _choice(self, "kernels", KERNEL_BACKENDS)
         _choice(self, "attention", ATTENTION_BACKENDS)
+        _choice(self, "head_init", ("bert", "fan_in"))
         _choice(self, "compile_backbone", ("", "default", "reduce-overhead", "max-autotune",
                                            "max-autotune-no-cudagraphs"))
         _probability(self, "hidden_dropout_prob", "attention_probs_dropout_prob")

@@ -199,3 +199,22 @@ def test_compiled_backbone_matches_eager():
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # names unchanged by compile
     batch = grouped_batch(seed=4)
     torch.testing.assert_close(compiled(batch)["loss"], eager(batch)["loss"], rtol=1e-4, atol=1e-5)
+
+
+def test_head_init_fan_in():
+    """model.head_init="fan_in" scales the pooler, ITM and task heads' linear weights to
+    1/sqrt(fan-in); "bert" leaves them at initializer_range; the encoder is the same in both."""
+    from pixelbert.model.tasks import PixelBertForNLVR2, PixelBertForVQA
+    torch.manual_seed(0)
+    bert = PixelBert(tiny_config(hidden_size=256, num_attention_heads=4))
+    fan_in = PixelBert(tiny_config(hidden_size=256, num_attention_heads=4, head_init="fan_in"))
+    for model, std in ((bert, 0.02), (fan_in, 256 ** -0.5)):
+        for head in (model.pooler.dense, model.itm_head):
+            assert head.weight.std().item() == pytest.approx(std, rel=0.1)
+    assert bert.encoder.layer[0].attention.self.query.weight.std().item() == pytest.approx(
+        fan_in.encoder.layer[0].attention.self.query.weight.std().item(), rel=0.1)
+    vqa = PixelBertForVQA(tiny_config(hidden_size=256, num_attention_heads=4, head_init="fan_in"), 7)
+    assert vqa.vqa_head[0].weight.std().item() == pytest.approx(256 ** -0.5, rel=0.1)
+    assert vqa.vqa_head[3].weight.std().item() == pytest.approx(512 ** -0.5, rel=0.2)
+    nlvr2 = PixelBertForNLVR2(tiny_config(hidden_size=256, num_attention_heads=4, head_init="fan_in"))
+    assert nlvr2.nlvr2_head[0].weight.std().item() == pytest.approx(512 ** -0.5, rel=0.1)

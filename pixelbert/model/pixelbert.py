@@ -29,6 +29,7 @@ class PixelBert(nn.Module):
         self.cls = MLMHead(cfg)
         self.itm_head = nn.Linear(cfg.hidden_size, 2)
         self._init_transformer_weights()
+        self._init_heads(self.pooler, self.itm_head)
 
     # ---- initialisation -------------------------------------------------------------------
     def _init_transformer_weights(self, root: Optional[nn.Module] = None) -> None:
@@ -46,6 +47,16 @@ class PixelBert(nn.Module):
                 nn.init.zeros_(module.bias)
         if root is None:
             nn.init.normal_(self.pixel_embeddings.visual_type, std=self.cfg.initializer_range)
+
+    def _init_heads(self, *heads: nn.Module) -> None:
+        """model.head_init="fan_in": the heads' linear weights normal with std 1/sqrt(fan-in)
+        (they keep BERT's init otherwise)."""
+        if self.cfg.head_init != "fan_in":
+            return
+        for head in heads:
+            for module in head.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=module.in_features ** -0.5)
 
     def load_bert_checkpoint(self, path: str) -> LoadReport:
         """Load a Hugging Face BERT checkpoint (folder or file) into the text side and encoder."""

@@ -35,6 +35,7 @@ class PixelBertForVQA(PixelBert):
         del self.cls, self.itm_head
         self.vqa_head = mlp_head(cfg.hidden_size, 2 * cfg.hidden_size, num_answers, cfg.layer_norm_eps)
         self._init_transformer_weights(self.vqa_head)
+        self._init_heads(self.vqa_head)
 
     def logits(self, batch: dict) -> torch.Tensor:
         return self.vqa_head(self.pooler(self.encode(batch, sample_pixels=False).cls_rows())).float()
@@ -57,6 +58,7 @@ class PixelBertForNLVR2(PixelBert):
         del self.cls, self.itm_head
         self.nlvr2_head = mlp_head(2 * cfg.hidden_size, 2 * cfg.hidden_size, 2, cfg.layer_norm_eps)
         self._init_transformer_weights(self.nlvr2_head)
+        self._init_heads(self.nlvr2_head)
 
     def logits(self, batch: dict) -> torch.Tensor:
         cls = self.pooler(self.encode(batch, sample_pixels=False).cls_rows())
