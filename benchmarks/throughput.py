@@ -285,6 +285,7 @@ def mode_config(args, mode: Mode, batch: int, data: dict, out_dir: Path) -> Conf
         f"train.output_dir={out_dir}", f"data.train={source}",
         f"data.tokenizer_cache={Path(data['root']) / 'tokenizers'}",
         f"deepspeed.train_micro_batch_size_per_gpu={batch}", "deepspeed.gradient_accumulation_steps=1",
+        "model.backbone_weights=null",  # speed does not depend on the CNN's starting weights
         *mode.overrides, *args.override])
 
 

@@ -184,6 +184,7 @@ def main(argv=None) -> int:
     try:
         tokenizer = run_tokenizer(cfg.data, run_dir)
         answers = AnswerVocabulary.load(run_dir / ANSWERS_FILE) if task == "vqa" else None
+        cfg.model.backbone_weights = None  # the checkpoint holds the CNN
         model = build_model(cfg, len(answers.answers) if answers else None)
         load_weights(model, args.checkpoint)
         records = read_task_records(cfg, args.split, dist)

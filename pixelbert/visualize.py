@@ -258,6 +258,7 @@ def visualize(args: argparse.Namespace) -> dict:
     tokenizer = run_tokenizer(cfg.data, find_run_dir(checkpoint, cfg))
     image_path, text = (args.image, args.text) if args.image is not None else default_example(cfg)
 
+    cfg.model.backbone_weights = None  # the checkpoint holds the CNN
     model = PixelBert(cfg.model)
     report = load_weights(model, checkpoint)
     if not report.loaded:

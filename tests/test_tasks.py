@@ -128,6 +128,7 @@ def test_evaluate_cli_end_to_end(synth, records, tmp_path):
     build_tokenizer(DATA, [r.text for r in records["nlvr2"]], run / "tokenizer", 100)  # the run's vocabulary
     cfg = load_config("configs/tiny.json", [f"train.output_dir={run}", f"data.synthetic_dir={synth}",
                                             "data.synthetic_images=40", "train.task=nlvr2",
+                                            "model.backbone_weights=null",
                                             "data.image_shorter=64", "data.image_longer=128"])
     (run / "config.json").write_text(json.dumps(cfg.to_dict()))
     model = PixelBertForNLVR2(cfg.model)

@@ -47,7 +47,8 @@ def launch(out: Path, synthetic: Path, overrides: list[str], ranks: int = 1,
            timeout: int = 900) -> subprocess.CompletedProcess:
     # Runs on the same synthetic set share one vocabulary cache beside it (never the user's ~/.cache).
     args = ["--config", "configs/tiny.json", f"train.output_dir={out}", f"data.synthetic_dir={synthetic}",
-            f"data.tokenizer_cache={synthetic.parent / 'tokenizers'}", "data.synthetic_images=96", *overrides]
+            f"data.tokenizer_cache={synthetic.parent / 'tokenizers'}", "data.synthetic_images=96",
+            "model.backbone_weights=null", *overrides]  # a CNN from scratch unless a test names one
     if ranks == 1:
         cmd = [sys.executable, "train.py", *args]
     else:
@@ -88,7 +89,8 @@ def test_two_ranks_zero1_2_3_match_one_rank(tmp_path, synthetic_dir):
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, synthetic_dir):
     # Dropout on and a worker process: resume must restore RNG and data position exactly.
     common = SMALL + ["train.max_steps=6", "train.save_every=3", "data.num_workers=1",
-                      "deepspeed.train_micro_batch_size_per_gpu=4"]
+                      "deepspeed.train_micro_batch_size_per_gpu=4",
+                      "model.hidden_dropout_prob=0.1", "model.attention_probs_dropout_prob=0.1"]
     straight = run_train(tmp_path / "straight", synthetic_dir, common)
     interrupted = tmp_path / "interrupted"
     first = run_train(interrupted, synthetic_dir, common + ["train.stop_at_step=3"])
@@ -116,21 +118,33 @@ def test_zero_two_rank_resume_equals_uninterrupted(tmp_path, synthetic_dir, stag
     assert losses(resumed) == pytest.approx(losses(straight), rel=1e-6, abs=1e-7)
 
 
-def test_tiny_training_lowers_mlm_loss(tmp_path, synthetic_dir):
-    """configs/tiny.json as shipped, shortened. Margins from observed runs: the MLM loss falls
-    from ~6.4 (step 10) to ~2.8 (step 120). The ITM loss stays at ln 2 this early: cross-modal
-    grounding takes longer than a CI run on 2 cores (see the README), so it is reported, not
-    asserted to fall."""
-    records = run_train(tmp_path / "tiny", synthetic_dir / "tiny_set", [
-        "data.synthetic_images=600", "train.max_steps=120", "train.warmup_steps=10", "train.log_every=10",
-        "train.save_every=0"])
-    first, last = records[0], records[-1]
-    print("first", first, "\nlast", last)
-    assert last["step"] == 120
-    assert last["mlm_loss"] < first["mlm_loss"] - 2.0
-    assert last["mlm_loss"] < 4.0
-    assert last["mlm_acc"] > first["mlm_acc"] + 0.1
-    assert 0.6 < last["itm_loss"] < 0.8  # finite and near chance: the ITM head trains without diverging
+def mean(records: list[dict], key: str) -> float:
+    return sum(r[key] for r in records) / len(records)
+
+
+def test_tiny_training_lowers_mlm_and_itm_loss(tmp_path):
+    """The README's first command, stopped early: the synthetic-label CNN
+    (pixelbert.tools.pretrain_backbone, its defaults), then configs/tiny.json as shipped on the
+    full synthetic set, stopped at step 4,500 of its 6,000-step schedule. Margins from observed
+    runs (one thread, 2026-11-29): MLM 6.8 (step 10) -> ~0.5; ITM at ln 2 until the escape from
+    its saddle (the README explains it), which came at step ~2,800 in one run and ~3,450 in
+    another of the same command; ~400 steps after it the ITM loss is below 0.5."""
+    data, cnn = tmp_path / "synthetic", tmp_path / "tiny-cnn.pth"
+    pretrain = subprocess.run([sys.executable, "-m", "pixelbert.tools.pretrain_backbone", "--synthetic", str(data),
+                               "--out", str(cnn)], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                              timeout=1800)
+    assert pretrain.returncode == 0, pretrain.stderr[-3000:]
+    records = run_train(tmp_path / "tiny", data, [
+        "data.synthetic_images=2000", f"model.backbone_weights={cnn}", "train.stop_at_step=4500",
+        "train.save_every=0"], timeout=3000)
+    assert records[-1]["step"] == 4500
+    start, end = records[:10], records[-10:]  # steps 10-100 and 4,410-4,500
+    print({k: (round(mean(start, k), 3), round(mean(end, k), 3)) for k in ("mlm_loss", "mlm_acc", "itm_loss", "itm_acc")})
+    assert mean(start, "mlm_loss") > 3.5 and mean(end, "mlm_loss") < 1.2
+    assert mean(end, "mlm_acc") > 0.6
+    assert 0.67 < mean(start, "itm_loss") < 0.73  # chance: ln 2
+    assert mean(end, "itm_loss") < 0.6  # it matches images and captions
+    assert mean(end, "itm_acc") > 0.65
 
 
 def test_bf16_zero2_channels_last_trains(tmp_path, synthetic_dir):
@@ -149,6 +163,14 @@ def test_missing_data_names_the_path_and_the_synthetic_fallback(tmp_path, synthe
     result = launch(tmp_path / "run", synthetic_dir, [f"data.train={source}"])
     assert result.returncode == 2
     assert str(missing) in result.stderr and "data.train=[]" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_backbone_weights_name_the_path_and_the_tool(tmp_path, synthetic_dir):
+    missing = tmp_path / "runs" / "tiny-cnn.pth"  # configs/tiny.json's CNN, not made yet
+    result = launch(tmp_path / "run", synthetic_dir, [f"model.backbone_weights={missing}"])
+    assert result.returncode == 2
+    assert str(missing) in result.stderr and "pixelbert.tools.pretrain_backbone" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -248,7 +248,10 @@ def load_weights(model: Backbone, path: str | os.PathLike[str]) -> None:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"backbone weights file not found: {path}")
+        raise FileNotFoundError(
+            f"backbone weights file not found: {path} (model.backbone_weights). For the synthetic "
+            f"set, make one with `python -m pixelbert.tools.pretrain_backbone --out {path}`, or "
+            "train the CNN from scratch with model.backbone_weights=null")
     state = {k: v for k, v in _read_state_dict(path).items() if not k.startswith("fc.")}
     own = model.state_dict()
     mismatched = [
