@@ -1,5 +1,6 @@
 """Small models and batches shared by the tests."""
 import dataclasses
+from types import SimpleNamespace
 
 import torch
 
@@ -31,3 +32,15 @@ def random_batch(sizes, text_len=9, vocab=100, seed=0):
             "attention_mask": attention, "token_type_ids": torch.zeros_like(ids), "mlm_labels": mlm,
             "itm_labels": torch.randint(0, 2, (len(sizes),), generator=g),
             "sample_seeds": torch.randint(0, 2 ** 31, (len(sizes),), generator=g)}
+
+
+class FailingDecoder:
+    """A batch decoder that cannot read the images at the given positions."""
+
+    def __init__(self, bad_positions):
+        self.bad = set(bad_positions)
+
+    def __call__(self, encoded):
+        good = [i for i in range(len(encoded)) if i not in self.bad]
+        return SimpleNamespace(images=torch.ones(len(good), 3, 64, 64), sizes=torch.full((len(good), 2), 64),
+                               failed=[(i, "truncated", "cut short") for i in sorted(self.bad)])

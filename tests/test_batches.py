@@ -22,7 +22,7 @@ from pixelbert.data.tokenizer import build_tokenizer
 from pixelbert.engine.batches import BatchPreparer, Prefetcher
 from pixelbert.model.embeddings import PixelEmbeddings
 from tests.bad_files import jpeg_bytes, smooth_rgb, write_bad
-from tests.helpers import tiny_config
+from tests.helpers import FailingDecoder, tiny_config
 
 COLORS = ("red", "green", "blue", "white", "black", "orange")
 KINDS = ("circle", "square", "bar")
@@ -273,19 +273,6 @@ def test_skip_counter_counts_and_stops_a_broken_run():
     with pytest.raises(TooManyBadRecords, match=r"7 of 100 .*missing_file 1, truncated 6.*a\.jpg"):
         skips.check(counts, attempts, max_fraction=0.05, min_attempts=50)
     skips.check(counts, attempts, max_fraction=0.05, min_attempts=200)  # too early to judge
-
-
-class FailingDecoder:
-    """A batch decoder that cannot read the images at the given positions."""
-
-    def __init__(self, bad_positions):
-        self.bad = set(bad_positions)
-
-    def __call__(self, encoded):
-        from types import SimpleNamespace
-        good = [i for i in range(len(encoded)) if i not in self.bad]
-        return SimpleNamespace(images=torch.ones(len(good), 3, 64, 64), sizes=torch.full((len(good), 2), 64),
-                               failed=[(i, "truncated", "cut short") for i in sorted(self.bad)])
 
 
 def test_preparer_drops_what_the_batch_decoder_cannot_read(groups, tok, cfg):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,10 +13,12 @@ from pixelbert.data import synthetic
 from pixelbert.data.formats import read_karpathy, read_nlvr2, read_vqa
 from pixelbert.data.tasks import AnswerVocabulary, TaskDataset, collate_task
 from pixelbert.data.tokenizer import build_tokenizer
+from pixelbert.data.skips import SkipCounter
+from pixelbert.engine.batches import BatchPreparer
 from pixelbert.engine.weights import load_weights
 from pixelbert.model import PixelBert
 from pixelbert.model.tasks import PixelBertForNLVR2, PixelBertForRetrieval, PixelBertForVQA
-from tests.helpers import tiny_config
+from tests.helpers import FailingDecoder, tiny_config
 
 DATA = DataConfig(image_shorter=64, image_longer=128, max_text_len=16, num_workers=0)
 
@@ -78,6 +81,76 @@ def test_task_batches(records, tok):
     decoded = [tuple(t.tolist()) for t in item["texts"]]
     assert decoded[0] == tuple(tok.encode(records["retrieval"][7].text, DATA.max_text_len))
     assert not any(d in {tuple(tok.encode(t, DATA.max_text_len)) for t in own} for d in decoded[1:])
+
+
+def task_dataset(task, records, tok, **kwargs) -> TaskDataset:
+    extra = {"vqa": lambda: dict(answers=AnswerVocabulary.build(records["vqa"], 1)),
+             "nlvr2": dict, "retrieval": lambda: dict(negatives=3)}[task]()
+    return TaskDataset(task, records[task], tok, DATA, **extra, **kwargs)
+
+
+def spread_items(data: TaskDataset) -> list[dict]:
+    """Records 0, 1, m, m+1 (m the middle): neighbours often share an image (a VQA image's
+    questions, a retrieval image's captions), the two halves do not."""
+    middle = len(data) // 2
+    return [data[(i, i)] for i in (0, 1, middle, middle + 1)]
+
+
+def test_task_items_hand_encoded_images_to_the_batch_decoder(records, tok):
+    data = task_dataset("nlvr2", records, tok, encoded_images=True)
+    batch = collate_task([data[(i, i)] for i in (0, len(data) // 2)], tok.pad_id, 32)  # two image pairs
+    assert "images" not in batch and len(batch["encoded"]) == len(batch["image_keys"]) == 4
+    for key, encoded in zip(batch["image_keys"], batch["encoded"]):
+        assert bytes(encoded) == Path(key).read_bytes()
+    assert batch["pair_item"].tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("task", ["vqa", "nlvr2", "retrieval"])
+def test_an_undecodable_image_drops_every_item_using_it(records, tok, task):
+    """What DALI cannot decode takes its whole items out: NLVR2's other image and a retrieval
+    item's negatives are meaningless alone, and per-item targets must stay aligned."""
+    batch = collate_task(spread_items(task_dataset(task, records, tok, encoded_images=True)), tok.pad_id, 32)
+    bad = 1
+    skips = SkipCounter()
+    inputs, stats = BatchPreparer(torch.device("cpu"), torch.float32, skips, FailingDecoder([bad]))(batch)
+    pair_item, pair_image = batch["pair_item"].tolist(), batch["pair_image"].tolist()
+    dropped = {item for item, image in zip(pair_item, pair_image) if image == bad}
+    kept_items = [i for i in range(4) if i not in dropped]
+    kept_pairs = [p for p, item in enumerate(pair_item) if item not in dropped]
+    assert dropped and kept_items  # the case is real: something goes, something stays
+    assert torch.equal(inputs["input_ids"], batch["input_ids"][kept_pairs])
+    assert torch.equal(inputs["attention_mask"], batch["attention_mask"][kept_pairs])
+    assert inputs["pair_item"].tolist() == [kept_items.index(pair_item[p]) for p in kept_pairs]
+    assert inputs["pair_image"].tolist() == [pair_image[p] - (pair_image[p] > bad) for p in kept_pairs]
+    if task == "vqa":
+        assert torch.equal(inputs["vqa_targets"], batch["vqa_targets"][kept_items])
+        assert inputs["question_ids"] == [batch["question_ids"][i] for i in kept_items]
+    if task == "nlvr2":
+        assert torch.equal(inputs["nlvr2_labels"], batch["nlvr2_labels"][kept_items])
+        assert inputs["identifiers"] == [batch["identifiers"][i] for i in kept_items]
+    assert stats["images"] == len(batch["encoded"]) - 1 and skips.counts == {"truncated": 1}
+
+
+@pytest.mark.parametrize("task", ["vqa", "nlvr2", "retrieval"])
+def test_task_batches_decoded_by_dali_match_pil(records, tok, task):
+    """The fine-tuning batch through DALI's CPU pipeline equals the PIL batch: every
+    non-image entry exactly, the images within the resize tolerance tests/test_dali.py sets."""
+    pytest.importorskip("nvidia.dali")
+    from pixelbert.data.dali_decode import DaliImageDecoder
+    from tests.test_dali import STEP, assert_matches
+    pil = collate_task(spread_items(task_dataset(task, records, tok)), tok.pad_id, 32)
+    encoded = collate_task(spread_items(task_dataset(task, records, tok, encoded_images=True)), tok.pad_id, 32)
+    decoder = DaliImageDecoder(DATA.image_shorter, DATA.image_longer, 32, device_id=None, num_threads=1,
+                               max_batch_size=8)
+    inputs, _ = BatchPreparer(torch.device("cpu"), torch.float32, SkipCounter(), decoder)(encoded)
+    assert set(inputs) == set(pil) - {"image_keys", "skips", "attempts"}
+    for key, value in inputs.items():
+        if key not in ("images", "image_sizes"):
+            assert (torch.equal(value, pil[key]) if torch.is_tensor(value) else value == pil[key]), key
+    # Interior and mean as for photos; the outermost rows/columns may differ by up to 10 levels
+    # here, where a drawn shape's hard edge meets the border after a 4.5x downscale (measured).
+    assert_matches(SimpleNamespace(images=inputs["images"], sizes=inputs["image_sizes"], failed=[]),
+                   pil["images"], pil["image_sizes"], max_tol=12 * STEP)
 
 
 def test_task_models_train_and_load_pretrained(records, tok, tmp_path):

@@ -175,11 +175,12 @@ def test_missing_backbone_weights_name_the_path_and_the_tool(tmp_path, synthetic
     assert "Traceback" not in result.stderr
 
 
-def test_dali_decoding_trains_like_pil(tmp_path, synthetic_dir):
-    """data.decoder=dali (the CPU pipeline here) in a real run: the images differ from PIL's by
-    at most a level or two after resizing (tests/test_dali.py), so the losses nearly agree."""
+@pytest.mark.parametrize("task", ["pretrain", "vqa", "nlvr2", "retrieval"])
+def test_dali_decoding_trains_like_pil(tmp_path, synthetic_dir, task):
+    """data.decoder=dali (the CPU pipeline here) in a real run of every task: the images differ
+    from PIL's by a level or two after resizing (tests/test_dali.py), so the losses nearly agree."""
     pytest.importorskip("nvidia.dali")
-    common = SMALL + NO_DROPOUT + ["train.max_steps=3", "data.num_workers=1",
+    common = SMALL + NO_DROPOUT + ["train.max_steps=3", "data.num_workers=1", f"train.task={task}",
                                    "deepspeed.train_micro_batch_size_per_gpu=4"]
     pil = run_train(tmp_path / "pil", synthetic_dir, common + ["data.decoder=pil"])
     result = launch(tmp_path / "dali", synthetic_dir, common + ["data.decoder=dali"])

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from .errors import BadSample
 from .formats import Record
-from .images import load_image, open_checked, pad_images, read_image_bytes
+from .images import load_encoded, load_image, pad_images
 from .masking import IGNORE_INDEX, mask_tokens
 from .tokenizer import TextTokenizer
 
@@ -130,11 +130,8 @@ class PretrainDataset(Dataset):
         }
 
     def _read_image(self, path: str):
-        if not self.encoded_images:
-            return load_image(path, self.cfg.image_shorter, self.cfg.image_longer)
-        data = read_image_bytes(path)
-        open_checked(data, path, self.cfg.image_shorter, self.cfg.image_longer)  # header only
-        return np.frombuffer(data, dtype=np.uint8)
+        load = load_encoded if self.encoded_images else load_image
+        return load(path, self.cfg.image_shorter, self.cfg.image_longer)
 
 
 def collate(items: list[dict[str, Any]], pad_id: int, pad_multiple: int,
@@ -195,15 +192,34 @@ def collate(items: list[dict[str, Any]], pad_id: int, pad_multiple: int,
     return batch
 
 
+# Batch entries with one row per pair, and (task batches) one row per item.
+PAIR_ROWS = ("input_ids", "attention_mask", "token_type_ids", "mlm_labels", "itm_labels", "sample_seeds")
+ITEM_ROWS = ("vqa_targets", "question_ids", "nlvr2_labels", "identifiers")
+
+
 def drop_images(batch: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
     """The batch without the images where `keep` [K] is False and without every pair that
-    uses them (a batch decoder found them undecodable). Image tensors must already be gone."""
-    new_index = torch.cumsum(keep, 0) - 1
+    uses them (a batch decoder found them undecodable). Image tensors must already be gone.
+
+    A task batch (it has `pair_item`, the item of each pair) loses whole items: NLVR2's two
+    images and a retrieval item's negatives only make sense together. An image only a dropped
+    item used stays in the batch, unused: rare, and cheaper than cutting the decoded tensor."""
     pairs = keep[batch["pair_image"]]
     out = dict(batch, image_keys=[k for k, kept in zip(batch["image_keys"], keep.tolist()) if kept])
-    for key in ("input_ids", "attention_mask", "token_type_ids", "mlm_labels", "itm_labels", "sample_seeds"):
-        out[key] = batch[key][pairs]
-    out["pair_image"] = new_index[batch["pair_image"][pairs]]
+    if "pair_item" in batch:
+        items = torch.ones(int(batch["pair_item"].max()) + 1, dtype=torch.bool)
+        items[batch["pair_item"][~pairs]] = False
+        pairs = items[batch["pair_item"]]
+        out["pair_item"] = (torch.cumsum(items, 0) - 1)[batch["pair_item"][pairs]]
+        for key in ITEM_ROWS:
+            if key in batch:
+                value = batch[key]
+                out[key] = value[items] if torch.is_tensor(value) else \
+                    [v for v, kept in zip(value, items.tolist()) if kept]
+    for key in PAIR_ROWS:
+        if key in batch:
+            out[key] = batch[key][pairs]
+    out["pair_image"] = (torch.cumsum(keep, 0) - 1)[batch["pair_image"][pairs]]
     return out
 
 

@@ -103,6 +103,14 @@ def load_image(path: str | Path, shorter: int, longer: int) -> torch.Tensor:
     return ((pixels - mean) / std).contiguous()
 
 
+def load_encoded(path: str | Path, shorter: int, longer: int) -> np.ndarray:
+    """The file's bytes (1-D uint8) for a batch decoder such as DALI, after the header checks
+    `load_image` makes: the decoder then meets only files PIL would also have tried."""
+    data = read_image_bytes(path)
+    open_checked(data, path, shorter, longer)  # header only, no pixel decoding
+    return np.frombuffer(data, dtype=np.uint8)
+
+
 def pad_images(images: list[torch.Tensor], multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack [3, h, w] images into [B, 3, H, W], H and W the largest sides rounded up to
     `multiple`, zero-padded at the bottom/right; also return the valid (h, w) as int64 [B, 2]."""

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from .dataset import read_first_good
 from .formats import Record
-from .images import load_image, pad_images
+from .images import load_encoded, load_image, pad_images
 
 # VQA soft score of an answer given by k of the ten annotators: min(1, k * 0.3), i.e. 0, 0.3,
 # 0.6, 0.9 and 1.0 for 0-4+ (the usual approximation of the official leave-one-out metric).
@@ -66,13 +66,16 @@ class TaskDataset(Dataset):
     """One record per item, with its image(s) decoded and its text(s) tokenized."""
 
     def __init__(self, task: str, records: list[Record], tokenizer, data_cfg, *,
-                 answers: AnswerVocabulary | None = None, negatives: int = 0):
+                 answers: AnswerVocabulary | None = None, negatives: int = 0,
+                 encoded_images: bool = False):
+        """`encoded_images`: hand out the file bytes for a batch decoder such as DALI instead
+        of decoded pixels (as `PretrainDataset` does)."""
         if not records:
             raise ValueError(f"{task}: no records")
         if task == "vqa" and answers is None:
             raise ValueError("VQA needs an answer vocabulary")
         self.task, self.records, self.tokenizer, self.cfg = task, records, tokenizer, data_cfg
-        self.answers, self.negatives = answers, negatives
+        self.answers, self.negatives, self.encoded_images = answers, negatives, encoded_images
         if task == "retrieval":
             self.images = sorted({r.image for r in records})
             if len(self.images) < 2:
@@ -98,9 +101,10 @@ class TaskDataset(Dataset):
             item.update(texts=[encode(record.text)] + [encode(t) for t in self._negative_texts(record, rng)])
         return item
 
-    def _read_images(self, record: Record) -> list[tuple[str, torch.Tensor]]:
+    def _read_images(self, record: Record) -> list[tuple[str, torch.Tensor | np.ndarray]]:
         paths = list(record.images) if record.images else [record.image]
-        return [(p, load_image(p, self.cfg.image_shorter, self.cfg.image_longer)) for p in paths]
+        load = load_encoded if self.encoded_images else load_image
+        return [(p, load(p, self.cfg.image_shorter, self.cfg.image_longer)) for p in paths]
 
     def _negative_texts(self, record: Record, rng: np.random.Generator) -> list[str]:
         texts = []
@@ -112,15 +116,16 @@ class TaskDataset(Dataset):
 
 
 def collate_task(items: list[dict[str, Any]], pad_id: int, pad_multiple: int) -> dict[str, Any]:
-    """Items -> a batch: each distinct image once (`images`, `image_sizes`, `image_keys`), the
-    pairs (`pair_image`, `input_ids`, `attention_mask`, `token_type_ids`) item by item, and the
-    task's targets: `vqa_targets` [B, answers] and `question_ids`; `nlvr2_labels` [B] (pairs
+    """Items -> a batch: each distinct image once (`images`, `image_sizes`, `image_keys`; or,
+    for items of encoded bytes, `encoded`, the list for the batch decoder), the pairs
+    (`pair_image`, `pair_item`, `input_ids`, `attention_mask`, `token_type_ids`) item by item,
+    and the task's targets: `vqa_targets` [B, answers] and `question_ids`; `nlvr2_labels` [B] (pairs
     2b and 2b+1 are item b's two images); for retrieval item b's pairs are b*(1+neg) ... (the
     first one the positive). Bookkeeping: `skips`, `attempts`."""
     keys: dict[str, int] = {}
     pixels: list[torch.Tensor] = []
-    pair_image, texts = [], []
-    for item in items:
+    pair_image, pair_item, texts = [], [], []
+    for index, item in enumerate(items):
         item_images = []
         for key, image in item["images"]:
             if key not in keys:
@@ -130,6 +135,7 @@ def collate_task(items: list[dict[str, Any]], pad_id: int, pad_multiple: int) ->
         if len(item_images) == 1:
             item_images = item_images * len(item["texts"])  # VQA, retrieval: one image, all texts
         pair_image.extend(item_images)
+        pair_item.extend([index] * len(item["texts"]))
         texts.extend(item["texts"])
     length = max(len(t) for t in texts)
     input_ids = torch.full((len(texts), length), pad_id, dtype=torch.int64)
@@ -137,14 +143,17 @@ def collate_task(items: list[dict[str, Any]], pad_id: int, pad_multiple: int) ->
     for n, ids in enumerate(texts):
         input_ids[n, :len(ids)] = ids
         attention_mask[n, :len(ids)] = 1
-    images, image_sizes = pad_images(pixels, pad_multiple)
     batch: dict[str, Any] = {
-        "images": images, "image_sizes": image_sizes, "pair_image": torch.tensor(pair_image),
+        "pair_image": torch.tensor(pair_image), "pair_item": torch.tensor(pair_item),
         "input_ids": input_ids, "attention_mask": attention_mask,
         "token_type_ids": torch.zeros_like(input_ids),
         "image_keys": list(keys), "skips": [s for it in items for s in it["skips"]],
         "attempts": sum(it["attempts"] for it in items),
     }
+    if isinstance(pixels[0], np.ndarray):
+        batch["encoded"] = pixels
+    else:
+        batch["images"], batch["image_sizes"] = pad_images(pixels, pad_multiple)
     if "target" in items[0]:
         batch["question_ids"] = [it["question_id"] for it in items]
         if items[0]["target"] is not None:

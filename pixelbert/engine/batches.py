@@ -46,9 +46,9 @@ class BatchPreparer:
             for position, reason, detail in decoded.failed:
                 keep[position] = False
                 self.skips.add([(reason, f"{reason}: {batch['image_keys'][position]} ({detail})")], 0)
-            if not keep.any():
-                raise RuntimeError(f"no image of a micro-batch could be decoded: {decoded.failed}")
             batch = drop_images(batch, keep)
+            if len(batch["input_ids"]) == 0:
+                raise RuntimeError(f"no image of a micro-batch could be decoded: {decoded.failed}")
         batch["images"], batch["image_sizes"] = decoded.images, decoded.sizes
         return batch
 

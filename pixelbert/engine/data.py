@@ -253,8 +253,10 @@ def build_training_data(cfg: Config, dist: DistInfo) -> TrainingData:
         answers = AnswerVocabulary.build(records, cfg.task.min_answer_count)
         if dist.is_main:
             answers.save(Path(cfg.train.output_dir) / ANSWERS_FILE)
+    images_per_item = 2 if cfg.train.task == "nlvr2" else 1
+    decoder, decoder_name = build_decoder(cfg.data, dist.device, cfg.micro_batch_size * images_per_item)
     dataset = TaskDataset(cfg.train.task, records, tokenizer, cfg.data, answers=answers,
-                          negatives=cfg.task.negatives)
+                          negatives=cfg.task.negatives, encoded_images=decoder is not None)
 
     def make_loader(start_step: int):
         sampler = StepBatchSampler(len(dataset), cfg.micro_batch_size, cfg.grad_accum_steps,
@@ -263,5 +265,5 @@ def build_training_data(cfg: Config, dist: DistInfo) -> TrainingData:
             collate_task, pad_id=tokenizer.pad_id, pad_multiple=cfg.data.pad_multiple))
     what = f", {len(answers.answers)} answers" if answers else ""
     return TrainingData(f"{cfg.train.task}: {len(records)} training records{what}, vocabulary of "
-                        f"{tokenizer.vocab_size} tokens, images decoded by PIL (loader workers)",
-                        make_loader, num_answers=len(answers.answers) if answers else None)
+                        f"{tokenizer.vocab_size} tokens, images decoded by {decoder_name}",
+                        make_loader, decoder, num_answers=len(answers.answers) if answers else None)
