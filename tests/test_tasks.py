@@ -212,6 +212,91 @@ def test_evaluate_cli_end_to_end(synth, records, tmp_path):
     assert evaluate.main(["--config", str(run / "config.json"), "--checkpoint", str(tmp_path / "nothing")]) == 2
 
 
+def eval_run(tmp_path: Path, synth: Path, task: str, *overrides: str) -> tuple[Path, list]:
+    """A run folder to evaluate: the task's config on `synth`, a vocabulary, untrained weights."""
+    from pixelbert.engine.data import ANSWERS_FILE, read_task_records
+    from pixelbert.engine.distributed import DistInfo
+    from pixelbert.model.tasks import build_model
+    run = tmp_path / "run"
+    cfg = load_config("configs/tiny.json", [f"train.output_dir={run}", f"data.synthetic_dir={synth}",
+                                            "data.synthetic_images=40", f"train.task={task}",
+                                            "model.backbone_weights=null", "data.image_shorter=64",
+                                            "data.image_longer=128", *overrides])
+    dist = DistInfo(0, 1, 0, torch.device("cpu"))
+    train, val = read_task_records(cfg, "train", dist), read_task_records(cfg, "val", dist)
+    build_tokenizer(DATA, [r.text for r in train + val], run / "tokenizer", 100)
+    answers = AnswerVocabulary.build(train, 1) if task == "vqa" else None
+    if answers:
+        answers.save(run / ANSWERS_FILE)
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    torch.save(build_model(cfg, len(answers.answers) if answers else None).state_dict(), run / "weights.pt")
+    return run, val
+
+
+@pytest.mark.parametrize("task", ["vqa", "nlvr2", "retrieval"])
+def test_evaluation_counts_unreadable_images_and_never_substitutes(tmp_path, task, capsys):
+    """An evaluation image that cannot be read is counted, reported and kept out of the metric
+    (VQA answers its questions with the most frequent answer: the results file must be
+    complete); it is never replaced by another record, and too many stop with exit code 3."""
+    from pixelbert import evaluate
+    synth = tmp_path / "synthetic"
+    synthetic.generate(synth, 40, 3)
+    run, val = eval_run(tmp_path, synth, task)
+    args = ["--config", str(run / "config.json"), "--checkpoint", str(run / "weights.pt")]
+    assert evaluate.main(args) == 0
+    clean = json.loads((run / f"eval_{task}_val.json").read_text())
+    assert clean["skipped"] == {}
+    broken = Path(val[0].images[1] if val[0].images else val[0].image)
+    head = broken.read_bytes()[:200]  # the header survives, the pixels do not
+    broken.unlink()  # the synthetic set hard-links its images: cut this path only
+    broken.write_bytes(head)
+    on_it = [r for r in val if str(broken) in (r.images or (r.image,))]
+    assert evaluate.main(args + ["data.max_bad_fraction=0.5"]) == 0
+    report = json.loads((run / f"eval_{task}_val.json").read_text())
+    skipped = 1 if task == "retrieval" else len(on_it)  # images ranked, or records answered
+    assert report["skipped"] == {"truncated": skipped}
+    assert f"unreadable images skipped: truncated {skipped}" in capsys.readouterr().err
+    if task == "vqa":
+        results = json.loads(Path(report["results_file"]).read_text())
+        assert sorted(r["question_id"] for r in results) == sorted(r.question_id for r in val)
+        assert report["fallback_answers"] == len(on_it) and report["questions"] == len(val)
+    elif task == "nlvr2":
+        assert report["statements"] == clean["statements"] - len(on_it) == len(val) - len(on_it)
+    else:
+        assert (report["images"], report["texts"]) == (clean["images"] - 1, clean["texts"] - len(on_it))
+    assert evaluate.main(args + ["data.max_bad_fraction=0.0"]) == 3
+    assert "Examples: truncated: " + str(broken) in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shortlist", [0, 6])
+def test_retrieval_evaluation_on_two_ranks_equals_one(tmp_path, shortlist):
+    """Sharded retrieval (each rank scores its share of the images, scores and unreadable
+    images merged across ranks) gives exactly the one-rank report, an unreadable image included."""
+    import subprocess
+    import sys
+    from tests.test_training import ROOT, clean_env, free_port
+    synth = tmp_path / "synthetic"
+    synthetic.generate(synth, 40, 3)
+    run, val = eval_run(tmp_path, synth, "retrieval", f"task.shortlist={shortlist}", "data.max_bad_fraction=0.5")
+    broken = Path(sorted({r.image for r in val})[1])  # rank 1's share: rank 0 learns of it by the merge
+    head = broken.read_bytes()[:200]
+    broken.unlink()
+    broken.write_bytes(head)
+    reports = []
+    for ranks in (1, 2):
+        (run / "eval_retrieval_val.json").unlink(missing_ok=True)
+        result = subprocess.run(
+            ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module",
+             "pixelbert.evaluate", "--config", str(run / "config.json"), "--checkpoint", str(run / "weights.pt")],
+            cwd=ROOT, env=clean_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports.append(json.loads((run / "eval_retrieval_val.json").read_text()))
+    one, two = reports
+    assert one["skipped"] == two["skipped"] == {"truncated": 1}
+    assert {k: v for k, v in one.items() if k != "checkpoint"} == {k: v for k, v in two.items() if k != "checkpoint"}
+
+
 def test_backbone_pretraining_on_synthetic_labels(synth, tmp_path):
     """The ImageNet stand-in: the loss falls, and the weights load as model.backbone_weights."""
     from pixelbert.model.backbone import build_backbone

@@ -67,15 +67,19 @@ class TaskDataset(Dataset):
 
     def __init__(self, task: str, records: list[Record], tokenizer, data_cfg, *,
                  answers: AnswerVocabulary | None = None, negatives: int = 0,
-                 encoded_images: bool = False):
+                 encoded_images: bool = False, replace_bad: bool = True):
         """`encoded_images`: hand out the file bytes for a batch decoder such as DALI instead
-        of decoded pixels (as `PretrainDataset` does)."""
+        of decoded pixels (as `PretrainDataset` does). `replace_bad`: a record whose image
+        cannot be read is counted and replaced by a random other one (training); without it
+        the BadSample reaches the caller (evaluation, where every record must answer for
+        itself)."""
         if not records:
             raise ValueError(f"{task}: no records")
         if task == "vqa" and answers is None:
             raise ValueError("VQA needs an answer vocabulary")
         self.task, self.records, self.tokenizer, self.cfg = task, records, tokenizer, data_cfg
         self.answers, self.negatives, self.encoded_images = answers, negatives, encoded_images
+        self.replace_bad = replace_bad
         if task == "retrieval":
             self.images = sorted({r.image for r in records})
             if len(self.images) < 2:
@@ -87,8 +91,11 @@ class TaskDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         index, seed = key
         rng = np.random.default_rng(seed)
-        record, images, skips = read_first_good(
-            lambda i: self._read_images(self.records[i]), index, rng, len(self.records))
+        if self.replace_bad:
+            record, images, skips = read_first_good(
+                lambda i: self._read_images(self.records[i]), index, rng, len(self.records))
+        else:
+            record, images, skips = index, self._read_images(self.records[index]), []
         record = self.records[record]
         item: dict[str, Any] = {"images": images, "skips": skips, "attempts": len(skips) + 1}
         encode = lambda text: torch.as_tensor(self.tokenizer.encode(text, self.cfg.max_text_len))  # noqa: E731
