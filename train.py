@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     configure_accelerator()
     from pixelbert.data.skips import TooManyBadRecords
     from pixelbert.engine.trainer import train
+    from pixelbert.engine.distributed import shutdown_distributed
     try:
         train(cfg)
     except FileNotFoundError as e:  # a configured path that is not there: say which, no traceback
@@ -38,6 +39,8 @@ def main(argv=None) -> int:
     except TooManyBadRecords as e:  # the data, not the engine: its own exit code, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 3
+    finally:
+        shutdown_distributed()
     return 0
 
 

@@ -199,6 +199,12 @@ class TrainConfig:
     stop_at_step: Optional[int] = None  # end early (job time slot) without changing the schedule
     log_every: int = 10
     save_every: int = 0  # 0: only at the end
+    # Evaluate on data.val (or the synthetic set's val split) every this many steps and at the
+    # end, into eval.jsonl: the task's report (VQA accuracy, NLVR2 accuracy, retrieval recall) or,
+    # for pre-training, MLM/ITM loss and accuracy on the val captions. 0: never. eval_records > 0
+    # evaluates only the split's first that many records.
+    eval_every: int = 0
+    eval_records: int = 0
     resume: bool = False
     # The paper's optimiser split: SGD for the CNN, AdamW for everything else. A CNN trained from
     # scratch (no backbone_weights) needs "adamw" to learn in time; configs/tiny.json keeps
@@ -224,8 +230,9 @@ class TrainConfig:
         _positive(self, "max_steps", "log_every")
         if self.seed < 0:
             raise ConfigError(f"train.seed must be >= 0, got {self.seed}")
-        if self.save_every < 0:
-            raise ConfigError(f"train.save_every must be >= 0, got {self.save_every}")
+        for key in ("save_every", "eval_every", "eval_records"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.max_steps:
             raise ConfigError(f"train.stop_at_step must be in [1, train.max_steps], got {self.stop_at_step}")
         for key in ("backbone_lr", "lr"):

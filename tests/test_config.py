@@ -58,6 +58,8 @@ def test_source_list_override(config_file):
     ("deepspeed.train_micro_batch_size_per_gpu=0", "deepspeed.train_micro_batch_size_per_gpu"),
     ("deepspeed.optimizer={\"type\": \"Adam\"}", "deepspeed.optimizer/scheduler"),
     ("model.kernels=cuda", "model.kernels must be one of"),
+    ("train.eval_every=-1", "train.eval_every must be >= 0"),
+    ("train.eval_records=-5", "train.eval_records must be >= 0"),
 ])
 def test_bad_values_name_the_key(config_file, override, message):
     with pytest.raises(ConfigError, match=None) as err:

@@ -86,10 +86,20 @@ def test_two_ranks_zero1_2_3_match_one_rank(tmp_path, synthetic_dir):
     assert len(set(losses(one))) == 4
 
 
+def eval_lines(run: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (run / "eval.jsonl").read_text().splitlines())}
+
+
+def same_eval(a: dict, b: dict) -> bool:
+    return {k: v for k, v in a.items() if k != "eval_s"} == pytest.approx(
+        {k: v for k, v in b.items() if k != "eval_s"}, rel=1e-6, abs=1e-7)
+
+
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, synthetic_dir):
     # Dropout on and a worker process: resume must restore RNG and data position exactly.
+    # Validation on: it must not change training, and its log resumes like metrics.jsonl.
     common = SMALL + ["train.max_steps=6", "train.save_every=3", "data.num_workers=1",
-                      "deepspeed.train_micro_batch_size_per_gpu=4",
+                      "deepspeed.train_micro_batch_size_per_gpu=4", "train.eval_every=2", "train.eval_records=12",
                       "model.hidden_dropout_prob=0.1", "model.attention_probs_dropout_prob=0.1"]
     straight = run_train(tmp_path / "straight", synthetic_dir, common)
     interrupted = tmp_path / "interrupted"
@@ -102,20 +112,31 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, synthetic_di
     for key in ("loss", "mlm_loss", "itm_loss", "mlm_acc", "itm_acc", "lr", "backbone_lr"):
         assert losses(resumed, key) == pytest.approx(losses(straight, key), rel=1e-6, abs=1e-7), key
     assert (interrupted / "checkpoints" / "latest").read_text() == "step_6"
+    straight_eval, resumed_eval = eval_lines(tmp_path / "straight"), eval_lines(interrupted)
+    assert list(straight_eval) == [2, 4, 6] and list(resumed_eval) == [2, 3, 4, 6]  # 3: the stop
+    assert all(same_eval(resumed_eval[s], straight_eval[s]) for s in (2, 4, 6))
+    assert {"mlm_loss", "itm_loss", "mlm_acc", "itm_acc"} <= set(straight_eval[6])
+    assert 1 < straight_eval[6]["images"] < 12  # the images of the first 12 val captions
+    assert straight_eval[2]["mlm_loss"] != straight_eval[6]["mlm_loss"]
 
 
 @pytest.mark.parametrize("stage, kernel", [(2, "foreach"), (3, "fused")])
 def test_zero_two_rank_resume_equals_uninterrupted(tmp_path, synthetic_dir, stage, kernel):
     # Partitioned optimiser state and gradients, and one RNG file per rank; each optimiser
     # kernel resumes its own state (torch's fused kernels run on the CPU too).
+    # Validation on: under ZeRO-3 every rank must run its forward passes (parameter gathers).
     common = SMALL + ["train.max_steps=4", "train.save_every=2", "data.num_workers=0",
                       "deepspeed.train_micro_batch_size_per_gpu=4", f"deepspeed.zero_optimization.stage={stage}",
-                      f"train.optimizer_kernel={kernel}"]
+                      f"train.optimizer_kernel={kernel}", "train.eval_every=2", "train.eval_records=8"]
     straight = run_train(tmp_path / "straight", synthetic_dir, common, ranks=2)
     run_train(tmp_path / "interrupted", synthetic_dir, common + ["train.stop_at_step=2"], ranks=2)
     resumed = run_train(tmp_path / "interrupted", synthetic_dir, common + ["train.resume=true"], ranks=2)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert losses(resumed) == pytest.approx(losses(straight), rel=1e-6, abs=1e-7)
+    straight_eval, resumed_eval = eval_lines(tmp_path / "straight"), eval_lines(tmp_path / "interrupted")
+    assert list(straight_eval) == list(resumed_eval) == [2, 4]
+    for step in (2, 4):
+        assert same_eval(resumed_eval[step], straight_eval[step]), (step, resumed_eval[step], straight_eval[step])
 
 
 def mean(records: list[dict], key: str) -> float:
@@ -190,6 +211,27 @@ def test_dali_decoding_trains_like_pil(tmp_path, synthetic_dir, task):
     assert [r["step"] for r in dali] == [1, 2, 3]
     assert losses(dali) == pytest.approx(losses(pil), rel=2e-2)
     assert losses(dali) != losses(pil)  # a different decoder really ran
+
+
+def test_validation_during_training_is_the_evaluate_cli_and_changes_nothing(tmp_path, synthetic_dir):
+    """train.eval_every runs pixelbert.evaluate's evaluation: the report at the last step is the
+    CLI's on the final checkpoint, and training with it is the same as without."""
+    common = SMALL + NO_DROPOUT + ["train.task=vqa", "task.min_answer_count=1", "train.max_steps=4",
+                                   "data.num_workers=1", "deepspeed.train_micro_batch_size_per_gpu=4"]
+    plain = run_train(tmp_path / "plain", synthetic_dir, common)
+    run = tmp_path / "validated"
+    validated = run_train(run, synthetic_dir, common + ["train.eval_every=3"])
+    assert losses(validated) == losses(plain)
+    reports = eval_lines(run)
+    assert list(reports) == [3, 4]  # every 3 steps, and at the end
+    assert (run / "vqa_val_step3_results.json").is_file()
+    result = subprocess.run([sys.executable, "-m", "pixelbert.evaluate", "--config", str(run / "config.json"),
+                             "--checkpoint", str(run)], cwd=ROOT, env=clean_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cli = json.loads((run / "eval_vqa_val.json").read_text())
+    for key in ("overall", "per_question_type", "questions", "majority_answer_baseline"):
+        assert reports[4][key] == pytest.approx(cli[key]), key
 
 
 def broken_coco_source(tmp_path: Path, synthetic: Path) -> tuple[str, dict[str, str]]:

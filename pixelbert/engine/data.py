@@ -42,7 +42,7 @@ def read_source(source: SourceConfig) -> list[Record]:
     raise ValueError(f"unknown data source format {source.format!r}")
 
 
-def _check_paths(source: SourceConfig, where: str) -> None:
+def check_source_paths(source: SourceConfig, where: str) -> None:
     keys = ("questions", "annotations", "images") if source.format == "vqa" else ("annotations", "images")
     for key in keys:
         value = getattr(source, key)
@@ -63,25 +63,31 @@ class PretrainSources:
 def read_pretrain_sources(cfg: Config, dist: DistInfo) -> PretrainSources:
     """The image-caption records of every configured source, or of the embedded synthetic set,
     grouped by image."""
-    data = cfg.data
-    if not data.train:
-        root = Path(data.synthetic_dir)
-        if dist.is_main:  # one rank writes the set; the others wait for it
-            ensure_synthetic(root, data.synthetic_images, data.synthetic_seed)
-        barrier()
-        records = formats.read_coco_captions(root / "annotations" / "captions_train.json", root / "images")
-        return PretrainSources(group_by_image([records]), [1.0])
-    per_source = []
-    for i, source in enumerate(data.train):
-        if source.format not in CAPTION_FORMATS:
-            raise ValueError(f"data.train[{i}].format={source.format!r} has no captions to pre-train "
-                             f"on (MLM + ITM take {CAPTION_FORMATS}); it is a fine-tuning format")
-        _check_paths(source, f"data.train[{i}]")
-        per_source.append(read_source(source))
+    per_source = caption_records(cfg, "train", dist)
     grouped = group_by_image(per_source)
     if not grouped.groups:
         raise ValueError("data.train: the configured sources hold no image-text pairs")
-    return PretrainSources(grouped, [s.weight for s in data.train])
+    return PretrainSources(grouped, [s.weight for s in cfg.data.train] or [1.0])
+
+
+def caption_records(cfg: Config, split: str, dist: DistInfo) -> list[list[Record]]:
+    """The image-caption records of each configured source of `split` ("train" or "val"), or
+    of the synthetic set's captions_<split>.json."""
+    configured = cfg.data.train if split == "train" else cfg.data.val
+    if not configured:
+        root = Path(cfg.data.synthetic_dir)
+        if dist.is_main:  # one rank writes the set; the others wait for it
+            ensure_synthetic(root, cfg.data.synthetic_images, cfg.data.synthetic_seed)
+        barrier()
+        return [formats.read_coco_captions(root / "annotations" / f"captions_{split}.json", root / "images")]
+    per_source = []
+    for i, source in enumerate(configured):
+        if source.format not in CAPTION_FORMATS:
+            raise ValueError(f"data.{split}[{i}].format={source.format!r} has no captions to pre-train "
+                             f"on (MLM + ITM take {CAPTION_FORMATS}); it is a fine-tuning format")
+        check_source_paths(source, f"data.{split}[{i}]")
+        per_source.append(read_source(source))
+    return per_source
 
 
 def header_size(path: str) -> Optional[tuple[int, int]]:
@@ -184,7 +190,7 @@ def task_sources(cfg: Config, split: str, dist: DistInfo) -> list[SourceConfig]:
 def read_task_records(cfg: Config, split: str, dist: DistInfo) -> list[Record]:
     records: list[Record] = []
     for i, source in enumerate(task_sources(cfg, split, dist)):
-        _check_paths(source, f"data.{split}[{i}]")
+        check_source_paths(source, f"data.{split}[{i}]")
         records.extend(r for r in read_source(source) if r.text.strip())
     if not records:
         raise ValueError(f"data.{split}: no {cfg.train.task} records with text")
@@ -225,10 +231,11 @@ class TrainingData:
     """What the training loop needs from the data side, whatever the task."""
     description: str
     make_loader: Callable[[int], Any]  # start step -> an endless loader of this rank's micro-batches
+    tokenizer: TextTokenizer
     decoder: Optional[object] = None  # the batch decoder of encoded images (DALI), if any
     startup_skips: list[tuple[str, str]] = field(default_factory=list)
     startup_attempts: int = 0
-    num_answers: Optional[int] = None
+    answers: Optional[AnswerVocabulary] = None  # VQA's answer vocabulary
 
 
 def build_training_data(cfg: Config, dist: DistInfo) -> TrainingData:
@@ -241,7 +248,7 @@ def build_training_data(cfg: Config, dist: DistInfo) -> TrainingData:
         return TrainingData(
             f"{len(dataset)} images with {pairs} captions, vocabulary of {tokenizer.vocab_size} "
             f"tokens, images decoded by {decoder_name}",
-            lambda start: build_train_loader(dataset, sources, cfg, dist, start), decoder,
+            lambda start: build_train_loader(dataset, sources, cfg, dist, start), tokenizer, decoder,
             [("empty_text", f"empty text: {where}") for where in empty], pairs + len(empty))
     records = read_task_records(cfg, "train", dist)
     tokenizer = task_tokenizer(cfg, [r.text for r in records], dist)
@@ -266,4 +273,4 @@ def build_training_data(cfg: Config, dist: DistInfo) -> TrainingData:
     what = f", {len(answers.answers)} answers" if answers else ""
     return TrainingData(f"{cfg.train.task}: {len(records)} training records{what}, vocabulary of "
                         f"{tokenizer.vocab_size} tokens, images decoded by {decoder_name}",
-                        make_loader, decoder, num_answers=len(answers.answers) if answers else None)
+                        make_loader, tokenizer, decoder, answers=answers)

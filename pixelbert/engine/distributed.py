@@ -63,6 +63,25 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world_size, local_rank, device)
 
 
+def shutdown_distributed() -> None:
+    """Take the process group down before the process exits: one that exits with gloo's threads
+    still up can die in std::terminate ("terminate called without an active exception", exit
+    code 250), seen at the end of two-rank evaluations. No barrier: on an error path the other
+    ranks may never arrive."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics). Each rank updates its
+    own from its own batches and DeepSpeed never re-syncs them, but a checkpoint keeps rank 0's
+    only: syncing at each save and before each validation makes every rank hold what the
+    checkpoint holds, so validation on any rank and a resumed run see the same model."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

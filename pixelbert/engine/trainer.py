@@ -19,7 +19,8 @@ from pixelbert.data import skips as skip_counts
 from pixelbert.data.skips import SkipCounter
 from pixelbert.engine.batches import BatchPreparer, Prefetcher
 from pixelbert.engine.data import build_training_data
-from pixelbert.engine.distributed import DistInfo, all_reduce_sum, init_distributed
+from pixelbert.engine.distributed import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed
+from pixelbert.engine.evaluator import EvalSetup, evaluate, read_eval_records
 from pixelbert.engine.metrics import JsonlLog, MetricsWindow
 from pixelbert.engine.optim import build_optimizer, build_scheduler
 from pixelbert.engine.weights import load_weights
@@ -82,6 +83,38 @@ def log(dist: DistInfo, message: str) -> None:
         tqdm.write(f"[pixelbert] {message}")
 
 
+class Validation:
+    """`train.eval_every`: the evaluation `python -m pixelbert.evaluate` runs, on data.val, during
+    training, appended to eval.jsonl (cut back to the checkpoint's step on resume, like
+    metrics.jsonl). Every rank evaluates the whole split, unsharded: under ZeRO-3 every forward
+    pass gathers parameters collectively, so all ranks must run the same passes. The RNG state is
+    put back afterwards, so a run with validation trains exactly as one without."""
+
+    def __init__(self, cfg: Config, data, dist: DistInfo, float_dtype: torch.dtype, start_step: int):
+        self.cfg, self.dist = cfg, dist
+        self.records = read_eval_records(cfg, "val", dist, cfg.train.eval_records)
+        self.setup = EvalSetup(cfg, data.tokenizer, dist, data.answers, float_dtype, shard=False)
+        output_dir = Path(cfg.train.output_dir)
+        self.log = JsonlLog(output_dir / "eval.jsonl", start_step if cfg.train.resume else None) \
+            if dist.is_main else None
+        log(dist, f"validation every {cfg.train.eval_every} steps on {len(self.records)} val records")
+
+    def run(self, engine, step: int) -> dict:
+        start = time.perf_counter()
+        self.setup.results_suffix = f"_step{step}"
+        devices = [self.dist.device] if self.dist.device.type == "cuda" else []
+        engine.eval()
+        with torch.random.fork_rng(devices=devices):
+            report = evaluate(engine.module, self.setup, self.records, "val", SkipCounter())
+        engine.train()
+        report = {"step": step, **report, "eval_s": time.perf_counter() - start}
+        if self.log:
+            self.log.write(report)
+        shown = {k: round(v, 4) for k, v in report.items() if isinstance(v, float) and k != "eval_s"}
+        log(self.dist, f"validation at step {step}: {shown}")
+        return report
+
+
 def train(cfg: Config) -> dict:
     """Run pre-training or fine-tuning (train.task) as configured; returns the last logged
     metrics (on every rank)."""
@@ -102,7 +135,7 @@ def train(cfg: Config) -> dict:
 
     ops.set_default_backend(cfg.model.kernels)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank, whatever ran before
-    model = build_model(cfg, data.num_answers)
+    model = build_model(cfg, len(data.answers.answers) if data.answers else None)
     if cfg.task.init_from:
         report = load_weights(model, cfg.task.init_from)
         log(dist, f"initialised from {cfg.task.init_from}: {len(report.loaded)} tensors loaded; "
@@ -136,6 +169,7 @@ def train(cfg: Config) -> dict:
     metrics_log = JsonlLog(output_dir / "metrics.jsonl", start_step if cfg.train.resume else None) \
         if dist.is_main else None
 
+    validation = Validation(cfg, data, dist, float_dtype, start_step) if cfg.train.eval_every else None
     batches = Prefetcher(iter(data.make_loader(start_step)),
                          BatchPreparer(dist.device, float_dtype, skips, data.decoder), dist.device)
     accum = cfg.grad_accum_steps
@@ -176,7 +210,13 @@ def train(cfg: Config) -> dict:
             window.reset()
             window_start, batches.wait_s = time.perf_counter(), 0.0
             skips.check(skipped, attempts, cfg.data.max_bad_fraction, cfg.data.min_items_before_bad_check)
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == stop_step:
+        validate = validation and (step % cfg.train.eval_every == 0 or step == stop_step)
+        save = (cfg.train.save_every and step % cfg.train.save_every == 0) or step == stop_step
+        if validate or save:
+            broadcast_buffers(engine.module)
+        if validate:
+            validation.run(engine, step)
+        if save:
             checkpoint.save(engine, ckpt_dir, step, dist)
     progress.close()
     batches.close()

@@ -1,0 +1,306 @@
+"""Running a model over an evaluation split: the task reports (VQA, NLVR2, retrieval) and the
+pre-training validation losses. `python -m pixelbert.evaluate` and the training loop's
+`train.eval_every` both come here, so a number logged in training is the number the CLI gives.
+
+An image that cannot be read is never replaced by another record (training does that; an
+evaluation must answer for every record): it is counted in a SkipCounter and each task decides
+what it means for its metric.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from pixelbert import evaluation
+from pixelbert.config import Config
+from pixelbert.data.dataset import PretrainDataset, collate, group_by_image
+from pixelbert.data.errors import SKIP_REASONS, BadSample
+from pixelbert.data.formats import Record, read_json
+from pixelbert.data.images import load_image, pad_images
+from pixelbert.data.skips import SkipCounter, TooManyBadRecords, summary
+from pixelbert.data.tasks import AnswerVocabulary, TaskDataset, collate_task
+from pixelbert.data.tokenizer import TextTokenizer
+from pixelbert.engine.data import caption_records, read_task_records, task_sources
+from pixelbert.engine.distributed import DistInfo, all_reduce_sum
+from pixelbert.engine.metrics import MetricsWindow
+from pixelbert.fileio import write_atomic
+
+EVAL_BATCH = 32  # items per forward pass
+BOOKKEEPING = ("image_keys", "skips", "attempts")
+
+
+@dataclass
+class EvalSetup:
+    """What an evaluation needs beside the model and the records."""
+    cfg: Config
+    tokenizer: TextTokenizer
+    dist: DistInfo
+    answers: Optional[AnswerVocabulary] = None  # VQA's answer vocabulary
+    float_dtype: torch.dtype = torch.float32  # the model's dtype: training may run in bf16
+    results_suffix: str = ""  # VQA results file: vqa_<split><suffix>_results.json
+    shard: bool = True  # retrieval splits its images over the ranks (else every rank does all)
+
+    def to_device(self, batch: dict) -> dict:
+        """Tensors to the device, floating ones in the model's dtype; bookkeeping dropped."""
+        def move(value):
+            value = value.to(self.dist.device, non_blocking=True)
+            return value.to(self.float_dtype) if value.is_floating_point() else value
+        return {k: move(v) if torch.is_tensor(v) else v for k, v in batch.items() if k not in BOOKKEEPING}
+
+
+def read_eval_records(cfg: Config, split: str, dist: DistInfo, limit: int = 0) -> list[Record]:
+    """The split's records (data.val, or the synthetic set's), the first `limit` when > 0."""
+    if cfg.train.task == "pretrain":
+        records = [r for source in caption_records(cfg, split, dist) for r in source]
+    else:
+        records = read_task_records(cfg, split, dist)
+    return records[:limit] if limit > 0 else records
+
+
+def evaluate(model, setup: EvalSetup, records: list[Record], split: str, skips: SkipCounter) -> dict:
+    """The report of the run's task on `records` (model in eval mode, no gradients)."""
+    task = setup.cfg.train.task
+    with torch.no_grad():
+        if task == "pretrain":
+            return pretrain_losses(model, setup, records, skips)
+        if task == "vqa":
+            return evaluate_vqa(model, setup, records, split, skips)
+        if task == "nlvr2":
+            return evaluate_nlvr2(model, setup, records, skips, nlvr2_train(setup.cfg, setup.dist))
+        scores, img_of_text = retrieval_scores(model, setup, records, skips)
+    shortlist = setup.cfg.task.shortlist
+    report = evaluation.retrieval_recall(scores, img_of_text)
+    report["mode"] = f"shortlist top {shortlist}" if shortlist else "full ranking"
+    report["images"], report["texts"] = scores.shape
+    report["chance_r1"] = 100.0 / scores.shape[0]
+    return report
+
+
+def check_readable(skips: SkipCounter, cfg: Config) -> None:
+    """Stop when more of the split than data.max_bad_fraction could not be read (it has been
+    read in full: the fraction is final, no warm-up), or when none of it could."""
+    skipped, attempts = skips.totals()
+    if sum(skipped.values()) == attempts:
+        raise TooManyBadRecords(f"none of the {attempts} records could be read: {summary(skipped)}. "
+                                f"Examples: {'; '.join(e for shown in skips.examples.values() for e in shown)}")
+    skips.check(skipped, attempts, cfg.data.max_bad_fraction, min_attempts=0)
+
+
+# ---- pre-training ------------------------------------------------------------------------------
+
+def pretrain_losses(model, setup: EvalSetup, records: list[Record], skips: SkipCounter) -> dict:
+    """MLM and ITM loss and accuracy on the split's captions, every draw (masks, negatives) fixed
+    by the record's index so every evaluation sees the same batches. All valid pixels are used
+    (the model samples only in training mode). An unreadable image is replaced, as in training
+    (a loss needs a batch, not an answer per record), and counted."""
+    cfg = setup.cfg
+    dataset = PretrainDataset(group_by_image([records]).groups, setup.tokenizer, cfg.data)
+    images_per_batch = max(1, cfg.micro_batch_size // cfg.data.captions_per_image)
+    window = MetricsWindow(setup.dist.device)
+    for start in range(0, len(dataset), images_per_batch):
+        items = [dataset[(i, i)] for i in range(start, min(start + images_per_batch, len(dataset)))]
+        batch = collate(items, setup.tokenizer.pad_id, cfg.data.pad_multiple, cfg.data.itm_negative_probability)
+        skips.add(batch["skips"], batch["attempts"])
+        window.add(model(setup.to_device(batch)), samples=len(batch["input_ids"]), images=len(items))
+    check_readable(skips, cfg)
+    # Every rank evaluated the same batches: the cross-rank means are this rank's.
+    means = window.summary()
+    return {"images": len(dataset), **{k: v for k, v in means.items() if k == "loss" or k.endswith(("_loss", "_acc"))}}
+
+
+# ---- VQA and NLVR2 ----------------------------------------------------------------------------
+
+def task_batches(dataset: TaskDataset, setup: EvalSetup, skips: SkipCounter):
+    """Batches of the dataset's readable records, in order. A record whose image cannot be read
+    is counted in `skips` and left out; what that means for the metric is the caller's call."""
+    items = []
+    for index in range(len(dataset)):
+        try:
+            items.append(dataset[(index, index)])
+            skips.add([], 1)
+        except BadSample as bad:
+            skips.add([(bad.reason, str(bad))], 1)
+        if items and (len(items) == EVAL_BATCH or index == len(dataset) - 1):
+            yield setup.to_device(collate_task(items, setup.tokenizer.pad_id, setup.cfg.data.pad_multiple))
+            items = []
+
+
+def evaluate_vqa(model, setup: EvalSetup, records: list[Record], split: str, skips: SkipCounter) -> dict:
+    """The official results file and, with annotations, the official accuracy of that file. A
+    question whose image cannot be read gets the most frequent training answer (the file must
+    answer every question); `fallback_answers` counts them."""
+    cfg, answers = setup.cfg, setup.answers
+    dataset = TaskDataset("vqa", records, setup.tokenizer, cfg.data, answers=answers, replace_bad=False)
+    predictions: dict[int, str] = {}
+    for batch in task_batches(dataset, setup, skips):
+        best = model.logits(batch).argmax(dim=1).tolist()
+        predictions.update({qid: answers.answers[a] for qid, a in zip(batch["question_ids"], best)})
+    check_readable(skips, cfg)
+    unanswered = [r.question_id for r in records if r.question_id not in predictions]
+    predictions.update({q: answers.answers[0] for q in unanswered})
+    results_file = Path(cfg.train.output_dir) / f"vqa_{split}{setup.results_suffix}_results.json"
+    if setup.dist.is_main:
+        write_atomic(results_file, json.dumps([{"question_id": q, "answer": a} for q, a in predictions.items()]))
+    report: dict = {"results_file": str(results_file), "questions": len(predictions),
+                    "fallback_answers": len(unanswered)}
+    asked = {r.question_id for r in records}  # all of the split, or the first records of it
+    annotations = [a for a in vqa_annotations(cfg, split) if a["question_id"] in asked]
+    if annotations:
+        report.update(evaluation.vqa_accuracy(predictions, annotations))
+        # Two blind baselines: the most frequent training answer, and per question type its most
+        # frequent training answer (what a model that ignores the image can reach).
+        majority = answers.answers[0]
+        report["majority_answer_baseline"] = evaluation.vqa_accuracy(
+            {q: majority for q in predictions}, annotations)["overall"]
+        by_type: dict[str, Counter] = {}
+        for a in vqa_annotations(cfg, "train"):
+            by_type.setdefault(a["question_type"], Counter())[evaluation.normalize_answer(a["multiple_choice_answer"])] += 1
+        prior = {a["question_id"]: by_type.get(a["question_type"], Counter({majority: 1})).most_common(1)[0][0]
+                 for a in annotations}
+        report["question_type_prior_baseline"] = evaluation.vqa_accuracy(prior, annotations)["overall"]
+    return report
+
+
+def vqa_annotations(cfg: Config, split: str) -> list[dict]:
+    """The `annotations` lists of the split's VQA annotation files (none for a test split)."""
+    sources = task_sources(cfg, split, DistInfo(0, 1, 0, torch.device("cpu")))
+    return [a for s in sources if s.annotations for a in read_json(s.annotations)["annotations"]]
+
+
+def evaluate_nlvr2(model, setup: EvalSetup, records: list[Record], skips: SkipCounter,
+                   train_records=()) -> dict:
+    """Accuracy and consistency, beside two blind baselines: the majority label, and with
+    `train_records` the statement prior (each sentence's majority label in training). Over the
+    statements whose two images can be read (the others are counted in `skips`)."""
+    dataset = TaskDataset("nlvr2", records, setup.tokenizer, setup.cfg.data, replace_bad=False)
+    predictions, labels = {}, {}
+    for batch in task_batches(dataset, setup, skips):
+        predicted = model.logits(batch).argmax(dim=1).tolist()
+        for identifier, p, label in zip(batch["identifiers"], predicted, batch["nlvr2_labels"].tolist()):
+            predictions[identifier], labels[identifier] = bool(p), bool(label)
+    check_readable(skips, setup.cfg)
+    report = evaluation.nlvr2_accuracy(predictions, labels)
+    report["statements"] = len(labels)
+    report["majority_label_baseline"] = 100.0 * max(sum(labels.values()), len(labels) - sum(labels.values())) / len(labels)
+    if train_records:
+        sentences = {r.identifier: r.text for r in records}
+        report["statement_prior_baseline"] = evaluation.nlvr2_statement_prior(
+            ((r.text, r.label) for r in train_records), labels, sentences)
+    return report
+
+
+def nlvr2_train(cfg: Config, dist: DistInfo) -> list:
+    """The training statements for the statement-prior baseline (none when they are missing)."""
+    try:
+        return read_task_records(cfg, "train", dist)
+    except FileNotFoundError as e:
+        print(f"no statement-prior baseline: {e}", file=sys.stderr)
+        return []
+
+
+# ---- retrieval --------------------------------------------------------------------------------
+
+class ImageReader:
+    """Loads evaluation images one at a time and remembers which cannot be read, as a code per
+    image (0 readable, else 1 + the SKIP_REASONS index) that ranks can merge with a max."""
+
+    def __init__(self, paths: list[str], setup: EvalSetup):
+        self.paths, self.setup = paths, setup
+        self.unreadable = torch.zeros(len(paths), dtype=torch.int64)
+
+    def __call__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(pixels [1, 3, H, W] on the device, sizes [1, 2]) of image `index`, or None when it
+        cannot be read."""
+        data = self.setup.cfg.data
+        try:
+            image = load_image(self.paths[index], data.image_shorter, data.image_longer)
+        except BadSample as bad:
+            self.unreadable[index] = 1 + SKIP_REASONS.index(bad.reason)
+            return None
+        pixels, sizes = pad_images([image], data.pad_multiple)
+        return pixels.to(self.setup.dist.device, self.setup.float_dtype), sizes
+
+    def count(self, skips: SkipCounter) -> None:
+        """Every image as an attempt, every unreadable one as a skip."""
+        skips.add([(SKIP_REASONS[code - 1], f"{SKIP_REASONS[code - 1]}: {path}")
+                   for path, code in zip(self.paths, self.unreadable.tolist()) if code], len(self.paths))
+
+
+def retrieval_scores(model, setup: EvalSetup, records: list[Record],
+                     skips: SkipCounter) -> tuple[torch.Tensor, list[int]]:
+    """scores [images, texts] (-inf outside each image's shortlist) and the image of each text,
+    over the images that can be read and their texts (the others are counted in `skips`)."""
+    cfg, dist, tokenizer = setup.cfg, setup.dist, setup.tokenizer
+    images = sorted({r.image for r in records})
+    image_index = {path: i for i, path in enumerate(images)}
+    img_of_text = [image_index[r.image] for r in records]
+    texts = [torch.as_tensor(tokenizer.encode(r.text, cfg.data.max_text_len)) for r in records]
+    length = max(len(t) for t in texts)
+    input_ids = torch.full((len(texts), length), tokenizer.pad_id, dtype=torch.int64)
+    for n, ids in enumerate(texts):
+        input_ids[n, :len(ids)] = ids
+    attention_mask = (input_ids != tokenizer.pad_id).long()
+    attention_mask[:, 0] = 1
+    scores = torch.full((len(images), len(texts)), float("-inf"), dtype=torch.float64)
+    read = ImageReader(images, setup)
+    candidates = shortlist_texts(model, read, input_ids.to(dist.device), attention_mask.to(dist.device),
+                                 cfg.task.shortlist)
+    rank, ranks = (dist.rank, dist.world_size) if setup.shard else (0, 1)
+    for i in range(rank, len(images), ranks):  # this rank's share of the images
+        image = read(i)
+        if image is None:
+            continue
+        pixels, sizes = image
+        feat = model.pixel_embeddings.features(pixels)  # once per image, reused for all its pairs
+        rows = candidates[i] if candidates is not None else torch.arange(len(texts))
+        for start in range(0, len(rows), EVAL_BATCH * 8):
+            chunk = rows[start:start + EVAL_BATCH * 8]
+            batch = setup.to_device({"images": pixels, "image_sizes": sizes, "input_ids": input_ids[chunk],
+                                     "attention_mask": attention_mask[chunk],
+                                     "token_type_ids": torch.zeros_like(input_ids[chunk]),
+                                     "pair_image": torch.zeros(len(chunk), dtype=torch.long)})
+            scores[i, chunk] = model.scores(batch, feat).double().cpu()
+    if ranks > 1:  # every rank filled its own rows; the others hold -inf
+        finite = torch.isfinite(scores)
+        total = all_reduce_sum(torch.where(finite, scores, torch.zeros_like(scores)).to(dist.device)).cpu()
+        seen = all_reduce_sum(finite.double().to(dist.device)).cpu() > 0
+        scores = torch.where(seen, total, torch.full_like(total, float("-inf")))
+        unreadable = read.unreadable.to(dist.device)
+        torch.distributed.all_reduce(unreadable, op=torch.distributed.ReduceOp.MAX)
+        read.unreadable = unreadable.cpu()
+    read.count(skips)
+    check_readable(skips, cfg)
+    return readable_only(scores, img_of_text, read.unreadable == 0)
+
+
+def readable_only(scores: torch.Tensor, img_of_text: list[int], readable: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The scores of the readable images and of the texts that describe them."""
+    new_index = (torch.cumsum(readable, 0) - 1).tolist()
+    texts = [n for n, image in enumerate(img_of_text) if readable[image]]
+    return scores[readable][:, texts], [new_index[img_of_text[n]] for n in texts]
+
+
+def shortlist_texts(model, read: ImageReader, input_ids, attention_mask, k: int):
+    """Per image, the k texts most similar by a cheap score (cosine of the mean word embedding
+    of the text and the mean pixel token of the image), or None for full ranking. An
+    unreadable image gets no shortlist (its row is dropped later)."""
+    if k <= 0 or k >= len(input_ids):
+        return None
+    words = model.embeddings.word_embeddings(input_ids) * attention_mask[..., None]
+    text_vectors = torch.nn.functional.normalize(words.float().sum(1) / attention_mask.sum(1, keepdim=True), dim=1)
+    picks = []
+    for i in range(len(read.paths)):
+        image = read(i)
+        if image is None:
+            picks.append(torch.zeros(0, dtype=torch.long))
+            continue
+        tokens, mask = model.pixel_embeddings(*image, sample=False)
+        image_vector = torch.nn.functional.normalize(tokens[mask].float().mean(0), dim=0)
+        picks.append((text_vectors @ image_vector).topk(k).indices.cpu())
+    return picks
