@@ -268,6 +268,33 @@ def test_evaluation_counts_unreadable_images_and_never_substitutes(tmp_path, tas
     assert "Examples: truncated: " + str(broken) in capsys.readouterr().err
 
 
+def test_empty_questions_are_counted_in_training_and_answered_in_evaluation(tmp_path, capsys):
+    """A VQA question with no text is a counted skip in training; in evaluation it is counted
+    and still answered (the official results file must cover every question)."""
+    from pixelbert import evaluate
+    from pixelbert.engine.data import build_training_data
+    from pixelbert.engine.distributed import DistInfo
+    synth = tmp_path / "synthetic"
+    run, val = eval_run(tmp_path, synth, "vqa")  # writes the synthetic set: blank questions after
+    blanked = {}
+    for split in ("train", "val"):
+        path = synth / "annotations" / f"vqa_questions_{split}.json"
+        questions = json.loads(path.read_text())
+        questions["questions"][1]["question"] = "   "
+        blanked[split] = questions["questions"][1]["question_id"]
+        path.write_text(json.dumps(questions))
+    cfg = load_config(run / "config.json", [f"train.output_dir={tmp_path / 'train'}"])  # keep run/answers.txt
+    data = build_training_data(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    assert [reason for reason, _ in data.startup_skips] == ["empty_text"]
+    assert str(blanked["train"]) in data.startup_skips[0][1]
+    assert evaluate.main(["--config", str(run / "config.json"), "--checkpoint", str(run / "weights.pt"),
+                          "data.max_bad_fraction=0.5"]) == 0
+    report = json.loads((run / "eval_vqa_val.json").read_text())
+    assert report["skipped"] == {"empty_text": 1} and report["fallback_answers"] == 1
+    results = json.loads(Path(report["results_file"]).read_text())
+    assert blanked["val"] in {r["question_id"] for r in results} and len(results) == len(val)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("shortlist", [0, 6])
 def test_retrieval_evaluation_on_two_ranks_equals_one(tmp_path, shortlist):

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .dataset import read_first_good
+from .errors import BadSample
 from .formats import Record
 from .images import load_encoded, load_image, pad_images
 
@@ -110,6 +111,8 @@ class TaskDataset(Dataset):
 
     def _read_images(self, record: Record) -> list[tuple[str, torch.Tensor | np.ndarray]]:
         paths = list(record.images) if record.images else [record.image]
+        if not record.text.strip():  # training drops these up front; evaluation meets them here
+            raise BadSample("empty_text", paths[0])
         load = load_encoded if self.encoded_images else load_image
         return [(p, load(p, self.cfg.image_shorter, self.cfg.image_longer)) for p in paths]
 

@@ -188,13 +188,29 @@ def task_sources(cfg: Config, split: str, dist: DistInfo) -> list[SourceConfig]:
 
 
 def read_task_records(cfg: Config, split: str, dist: DistInfo) -> list[Record]:
+    """Every record of the split's sources, those with an empty question, statement or caption
+    included: training counts and drops them (`with_text`), evaluation counts them and treats
+    them like a record whose image cannot be read (VQA still answers them)."""
     records: list[Record] = []
     for i, source in enumerate(task_sources(cfg, split, dist)):
         check_source_paths(source, f"data.{split}[{i}]")
-        records.extend(r for r in read_source(source) if r.text.strip())
-    if not records:
+        records.extend(read_source(source))
+    if not any(r.text.strip() for r in records):
         raise ValueError(f"data.{split}: no {cfg.train.task} records with text")
     return records
+
+
+def with_text(records: list[Record]) -> tuple[list[Record], list[tuple[str, str]]]:
+    """(the records with a non-empty text, an ("empty_text", message) skip for each other one)."""
+    kept = [r for r in records if r.text.strip()]
+    skips = [("empty_text", f"empty text: {describe(r)}") for r in records if not r.text.strip()]
+    return kept, skips
+
+
+def describe(record: Record) -> str:
+    """Where a record comes from, for skip messages."""
+    key = record.question_id if record.question_id is not None else record.identifier or record.image_id
+    return f"{record.images or record.image} ({key})"
 
 
 def run_dir_of(path: str | Path) -> Path:
@@ -250,7 +266,8 @@ def build_training_data(cfg: Config, dist: DistInfo) -> TrainingData:
             f"tokens, images decoded by {decoder_name}",
             lambda start: build_train_loader(dataset, sources, cfg, dist, start), tokenizer, decoder,
             [("empty_text", f"empty text: {where}") for where in empty], pairs + len(empty))
-    records = read_task_records(cfg, "train", dist)
+    all_records = read_task_records(cfg, "train", dist)
+    records, empty = with_text(all_records)
     tokenizer = task_tokenizer(cfg, [r.text for r in records], dist)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
@@ -273,4 +290,5 @@ def build_training_data(cfg: Config, dist: DistInfo) -> TrainingData:
     what = f", {len(answers.answers)} answers" if answers else ""
     return TrainingData(f"{cfg.train.task}: {len(records)} training records{what}, vocabulary of "
                         f"{tokenizer.vocab_size} tokens, images decoded by {decoder_name}",
-                        make_loader, tokenizer, decoder, answers=answers)
+                        make_loader, tokenizer, decoder, startup_skips=empty,
+                        startup_attempts=len(all_records), answers=answers)

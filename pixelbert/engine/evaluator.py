@@ -26,7 +26,7 @@ from pixelbert.data.images import load_image, pad_images
 from pixelbert.data.skips import SkipCounter, TooManyBadRecords, summary
 from pixelbert.data.tasks import AnswerVocabulary, TaskDataset, collate_task
 from pixelbert.data.tokenizer import TextTokenizer
-from pixelbert.engine.data import caption_records, read_task_records, task_sources
+from pixelbert.engine.data import caption_records, read_task_records, task_sources, with_text
 from pixelbert.engine.distributed import DistInfo, all_reduce_sum
 from pixelbert.engine.metrics import MetricsWindow
 from pixelbert.fileio import write_atomic
@@ -100,7 +100,9 @@ def pretrain_losses(model, setup: EvalSetup, records: list[Record], skips: SkipC
     (the model samples only in training mode). An unreadable image is replaced, as in training
     (a loss needs a batch, not an answer per record), and counted."""
     cfg = setup.cfg
-    dataset = PretrainDataset(group_by_image([records]).groups, setup.tokenizer, cfg.data)
+    grouped = group_by_image([records])
+    skips.add([("empty_text", f"empty text: {where}") for where in grouped.empty_texts], len(grouped.empty_texts))
+    dataset = PretrainDataset(grouped.groups, setup.tokenizer, cfg.data)
     images_per_batch = max(1, cfg.micro_batch_size // cfg.data.captions_per_image)
     window = MetricsWindow(setup.dist.device)
     for start in range(0, len(dataset), images_per_batch):
@@ -198,7 +200,7 @@ def evaluate_nlvr2(model, setup: EvalSetup, records: list[Record], skips: SkipCo
 def nlvr2_train(cfg: Config, dist: DistInfo) -> list:
     """The training statements for the statement-prior baseline (none when they are missing)."""
     try:
-        return read_task_records(cfg, "train", dist)
+        return with_text(read_task_records(cfg, "train", dist))[0]
     except FileNotFoundError as e:
         print(f"no statement-prior baseline: {e}", file=sys.stderr)
         return []
@@ -237,6 +239,8 @@ def retrieval_scores(model, setup: EvalSetup, records: list[Record],
     """scores [images, texts] (-inf outside each image's shortlist) and the image of each text,
     over the images that can be read and their texts (the others are counted in `skips`)."""
     cfg, dist, tokenizer = setup.cfg, setup.dist, setup.tokenizer
+    records, empty = with_text(records)  # an empty caption cannot be ranked: counted, left out
+    skips.add(empty, len(empty))
     images = sorted({r.image for r in records})
     image_index = {path: i for i, path in enumerate(images)}
     img_of_text = [image_index[r.image] for r in records]
