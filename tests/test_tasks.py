@@ -321,6 +321,8 @@ def test_retrieval_evaluation_on_two_ranks_equals_one(tmp_path, shortlist):
         reports.append(json.loads((run / "eval_retrieval_val.json").read_text()))
     one, two = reports
     assert one["skipped"] == two["skipped"] == {"truncated": 1}
+    if shortlist:  # each image shortlists 6 texts, so at most 6 per image can be covered
+        assert 0 < one["shortlist_coverage"] <= 100.0 * shortlist * one["images"] / one["texts"]
     assert {k: v for k, v in one.items() if k != "checkpoint"} == {k: v for k, v in two.items() if k != "checkpoint"}
 
 

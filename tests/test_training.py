@@ -170,13 +170,17 @@ def test_tiny_training_lowers_mlm_and_itm_loss(tmp_path):
 
 
 def test_bf16_zero2_channels_last_trains(tmp_path, synthetic_dir):
-    # bf16, ZeRO-2 and channels-last as configs/r50.json and x152.json ship them.
+    # bf16, ZeRO-2 and channels-last as configs/r50.json and x152.json ship them; validation
+    # feeds the bf16 model bf16 inputs.
     records = run_train(tmp_path / "bf16", synthetic_dir, SMALL + [
         "train.max_steps=3", 'deepspeed.bf16={"enabled": true}', "deepspeed.zero_optimization.stage=2",
-        "model.channels_last=true", "data.num_workers=0", "deepspeed.train_micro_batch_size_per_gpu=4"])
+        "model.channels_last=true", "data.num_workers=0", "deepspeed.train_micro_batch_size_per_gpu=4",
+        "train.eval_every=3", "train.eval_records=8"])
     assert [r["step"] for r in records] == [1, 2, 3]
     # finite and sane (a micro-batch of four pairs may hold negatives only: ITM loss alone, < 1)
     assert all(r["loss"] == r["loss"] and 0.1 < r["loss"] < 20.0 for r in records)
+    validation = eval_lines(tmp_path / "bf16")[3]
+    assert 1.0 < validation["mlm_loss"] < 20.0 and 0.0 <= validation["itm_acc"] <= 1.0
 
 
 def test_missing_data_names_the_path_and_the_synthetic_fallback(tmp_path, synthetic_dir):

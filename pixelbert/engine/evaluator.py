@@ -77,6 +77,10 @@ def evaluate(model, setup: EvalSetup, records: list[Record], split: str, skips: 
     shortlist = setup.cfg.task.shortlist
     report = evaluation.retrieval_recall(scores, img_of_text)
     report["mode"] = f"shortlist top {shortlist}" if shortlist else "full ranking"
+    # A text outside its own image's shortlist cannot be found: the share inside bounds text->image recall.
+    if shortlist:
+        matched = scores[torch.as_tensor(img_of_text), torch.arange(len(img_of_text))]
+        report["shortlist_coverage"] = 100.0 * torch.isfinite(matched).double().mean().item()
     report["images"], report["texts"] = scores.shape
     report["chance_r1"] = 100.0 / scores.shape[0]
     return report
