@@ -81,6 +81,11 @@ def evaluate(model, setup: EvalSetup, records: list[Record], split: str, skips: 
     if shortlist:
         matched = scores[torch.as_tensor(img_of_text), torch.arange(len(img_of_text))]
         report["shortlist_coverage"] = 100.0 * torch.isfinite(matched).double().mean().item()
+        report["shortlist_chance_coverage"] = 100.0 * min(shortlist, scores.shape[1]) / scores.shape[1]
+        if report["shortlist_coverage"] < 2 * report["shortlist_chance_coverage"] and setup.dist.is_main:
+            print(f"warning: the shortlist holds {report['shortlist_coverage']:.1f}% of the true texts, "
+                  f"a random one {report['shortlist_chance_coverage']:.1f}%: its similarity is untrained "
+                  "and these recalls understate the model; evaluate with task.shortlist=0", file=sys.stderr)
     report["images"], report["texts"] = scores.shape
     report["chance_r1"] = 100.0 / scores.shape[0]
     return report
