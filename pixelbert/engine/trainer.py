@@ -215,7 +215,8 @@ def train(cfg: Config) -> dict:
         if validate or save:
             broadcast_buffers(engine.module)
         if validate:
-            validation.run(engine, step)
+            report = validation.run(engine, step)
+            window_start += report["eval_s"]  # samples_per_s counts training time only
         if save:
             checkpoint.save(engine, ckpt_dir, step, dist)
     progress.close()
