@@ -19,6 +19,17 @@ from pixelbert.data.skips import SkipCounter
 BOOKKEEPING = ("image_keys", "skips", "attempts")
 
 
+def to_device(batch: dict[str, Any], device: torch.device, float_dtype: torch.dtype) -> dict[str, Any]:
+    """The model's inputs: tensors on the device, floating ones in the model's dtype, other
+    values (question ids, identifiers) as they are; the loader's bookkeeping left behind."""
+    def move(value):
+        if not torch.is_tensor(value):
+            return value
+        value = value.to(device, non_blocking=True)
+        return value.to(float_dtype) if value.is_floating_point() else value
+    return {key: move(value) for key, value in batch.items() if key not in BOOKKEEPING}
+
+
 class BatchPreparer:
     def __init__(self, device: torch.device, float_dtype: torch.dtype, skips: SkipCounter,
                  decoder: Optional[Callable] = None):
@@ -34,7 +45,7 @@ class BatchPreparer:
         height, width = batch["images"].shape[-2:]
         stats = {"padded_fraction": padded_fraction(batch["image_sizes"].cpu(), height, width),
                  "images": len(batch["image_sizes"])}
-        return {key: self._move(value) for key, value in batch.items() if key not in BOOKKEEPING}, stats
+        return to_device(batch, self.device, self.float_dtype), stats
 
     def _decode(self, batch: dict[str, Any]) -> dict[str, Any]:
         if self.decoder is None:
@@ -51,12 +62,6 @@ class BatchPreparer:
                 raise RuntimeError(f"no image of a micro-batch could be decoded: {decoded.failed}")
         batch["images"], batch["image_sizes"] = decoded.images, decoded.sizes
         return batch
-
-    def _move(self, value):
-        if not torch.is_tensor(value):  # ids of questions or statements, for predictions
-            return value
-        value = value.to(self.device, non_blocking=True)
-        return value.to(self.float_dtype) if value.is_floating_point() else value
 
 
 class Prefetcher:

@@ -26,13 +26,13 @@ from pixelbert.data.images import load_image, pad_images
 from pixelbert.data.skips import SkipCounter, TooManyBadRecords, summary
 from pixelbert.data.tasks import AnswerVocabulary, TaskDataset, collate_task
 from pixelbert.data.tokenizer import TextTokenizer
+from pixelbert.engine.batches import to_device
 from pixelbert.engine.data import caption_records, read_task_records, task_sources, with_text
 from pixelbert.engine.distributed import DistInfo, all_reduce_sum
 from pixelbert.engine.metrics import MetricsWindow
 from pixelbert.fileio import write_atomic
 
 EVAL_BATCH = 32  # items per forward pass
-BOOKKEEPING = ("image_keys", "skips", "attempts")
 
 
 @dataclass
@@ -47,11 +47,7 @@ class EvalSetup:
     shard: bool = True  # retrieval splits its images over the ranks (else every rank does all)
 
     def to_device(self, batch: dict) -> dict:
-        """Tensors to the device, floating ones in the model's dtype; bookkeeping dropped."""
-        def move(value):
-            value = value.to(self.dist.device, non_blocking=True)
-            return value.to(self.float_dtype) if value.is_floating_point() else value
-        return {k: move(v) if torch.is_tensor(v) else v for k, v in batch.items() if k not in BOOKKEEPING}
+        return to_device(batch, self.dist.device, self.float_dtype)
 
 
 def read_eval_records(cfg: Config, split: str, dist: DistInfo, limit: int = 0) -> list[Record]:
