@@ -72,8 +72,8 @@ class TaskDataset(Dataset):
         """`encoded_images`: hand out the file bytes for a batch decoder such as DALI instead
         of decoded pixels (as `PretrainDataset` does). `replace_bad`: a record whose image
         cannot be read is counted and replaced by a random other one (training); without it
-        the BadSample reaches the caller (evaluation, where every record must answer for
-        itself)."""
+        the item is `{"bad": (reason, message)}` for the caller to count (evaluation, where
+        every record answers for itself)."""
         if not records:
             raise ValueError(f"{task}: no records")
         if task == "vqa" and answers is None:
@@ -96,7 +96,10 @@ class TaskDataset(Dataset):
             record, images, skips = read_first_good(
                 lambda i: self._read_images(self.records[i]), index, rng, len(self.records))
         else:
-            record, images, skips = index, self._read_images(self.records[index]), []
+            try:
+                record, images, skips = index, self._read_images(self.records[index]), []
+            except BadSample as bad:
+                return {"bad": (bad.reason, str(bad))}
         record = self.records[record]
         item: dict[str, Any] = {"images": images, "skips": skips, "attempts": len(skips) + 1}
         encode = lambda text: torch.as_tensor(self.tokenizer.encode(text, self.cfg.max_text_len))  # noqa: E731

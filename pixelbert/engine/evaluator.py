@@ -12,10 +12,12 @@ import json
 import sys
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.utils.data import DataLoader
 
 from pixelbert import evaluation
 from pixelbert.config import Config
@@ -124,18 +126,26 @@ def pretrain_losses(model, setup: EvalSetup, records: list[Record], skips: SkipC
 # ---- VQA and NLVR2 ----------------------------------------------------------------------------
 
 def task_batches(dataset: TaskDataset, setup: EvalSetup, skips: SkipCounter):
-    """Batches of the dataset's readable records, in order. A record whose image cannot be read
-    is counted in `skips` and left out; what that means for the metric is the caller's call."""
-    items = []
-    for index in range(len(dataset)):
-        try:
-            items.append(dataset[(index, index)])
-            skips.add([], 1)
-        except BadSample as bad:
-            skips.add([(bad.reason, str(bad))], 1)
-        if items and (len(items) == EVAL_BATCH or index == len(dataset) - 1):
-            yield setup.to_device(collate_task(items, setup.tokenizer.pad_id, setup.cfg.data.pad_multiple))
-            items = []
+    """Batches of the dataset's readable records, in order, decoded in data.num_workers loader
+    processes. A record that cannot be read is counted in `skips` and left out; what that means
+    for the metric is the caller's call."""
+    data = setup.cfg.data
+    loader = DataLoader(dataset, batch_size=EVAL_BATCH, sampler=[(i, i) for i in range(len(dataset))],
+                        num_workers=data.num_workers, pin_memory=torch.cuda.is_available(),
+                        collate_fn=partial(collate_readable, pad_id=setup.tokenizer.pad_id,
+                                           pad_multiple=data.pad_multiple))
+    for out in loader:
+        skips.add(out["bad"], out["count"])
+        if out["batch"] is not None:
+            yield setup.to_device(out["batch"])
+
+
+def collate_readable(items: list[dict], pad_id: int, pad_multiple: int) -> dict:
+    """Evaluation's collate: the readable items as one task batch (None when none is), the
+    (reason, message) of the others, and how many items there were."""
+    readable = [item for item in items if "bad" not in item]
+    return {"batch": collate_task(readable, pad_id, pad_multiple) if readable else None,
+            "bad": [item["bad"] for item in items if "bad" in item], "count": len(items)}
 
 
 def evaluate_vqa(model, setup: EvalSetup, records: list[Record], split: str, skips: SkipCounter) -> dict:
