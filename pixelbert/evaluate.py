@@ -80,7 +80,8 @@ def run(argv=None) -> int:
     skipped, attempts = skips.totals()
     if skipped and dist.is_main:
         examples = "; ".join(e for shown in skips.examples.values() for e in shown)
-        print(f"unreadable images skipped: {summary(skipped)} (of {attempts} read). Examples: {examples}",
+        print(f"records skipped (unreadable image or empty text): {summary(skipped)} (of {attempts} read). "
+              f"Examples: {examples}",
               file=sys.stderr)
     report.update(task=task, split=args.split, checkpoint=str(args.checkpoint), skipped=skipped)
     if dist.is_main:

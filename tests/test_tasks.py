@@ -260,7 +260,7 @@ def test_evaluation_counts_unreadable_images_and_never_substitutes(tmp_path, tas
     report = json.loads((run / f"eval_{task}_val.json").read_text())
     skipped = 1 if task == "retrieval" else len(on_it)  # images ranked, or records answered
     assert report["skipped"] == {"truncated": skipped}
-    assert f"unreadable images skipped: truncated {skipped}" in capsys.readouterr().err
+    assert f"records skipped (unreadable image or empty text): truncated {skipped}" in capsys.readouterr().err
     if task == "vqa":
         results = json.loads(Path(report["results_file"]).read_text())
         assert sorted(r["question_id"] for r in results) == sorted(r.question_id for r in val)

@@ -104,10 +104,11 @@ class Validation:
         self.setup.results_suffix = f"_step{step}"
         devices = [self.dist.device] if self.dist.device.type == "cuda" else []
         engine.eval()
+        skips = SkipCounter()
         with torch.random.fork_rng(devices=devices):
-            report = evaluate(engine.module, self.setup, self.records, "val", SkipCounter())
+            report = evaluate(engine.module, self.setup, self.records, "val", skips)
         engine.train()
-        report = {"step": step, **report, "eval_s": time.perf_counter() - start}
+        report = {"step": step, **report, "skipped": skips.totals()[0], "eval_s": time.perf_counter() - start}
         if self.log:
             self.log.write(report)
         shown = {k: round(v, 4) for k, v in report.items() if isinstance(v, float) and k != "eval_s"}
