@@ -41,6 +41,10 @@ class GroupedRecords:
     groups: list[ImageGroup]
     empty_texts: list[str] = field(default_factory=list)  # where each dropped empty text was
 
+    def empty_text_skips(self) -> list[tuple[str, str]]:
+        """An ("empty_text", message) skip for each dropped empty text."""
+        return [("empty_text", f"empty text: {where}") for where in self.empty_texts]
+
     @property
     def aspect_ratios(self) -> np.ndarray:
         """height / width of each group's image; 1.0 where the annotations give no size."""

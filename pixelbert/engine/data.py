@@ -265,7 +265,7 @@ def build_training_data(cfg: Config, dist: DistInfo) -> TrainingData:
             f"{len(dataset)} images with {pairs} captions, vocabulary of {tokenizer.vocab_size} "
             f"tokens, images decoded by {decoder_name}",
             lambda start: build_train_loader(dataset, sources, cfg, dist, start), tokenizer, decoder,
-            [("empty_text", f"empty text: {where}") for where in empty], pairs + len(empty))
+            sources.grouped.empty_text_skips(), pairs + len(empty))
     all_records = read_task_records(cfg, "train", dist)
     records, empty = with_text(all_records)
     tokenizer = task_tokenizer(cfg, [r.text for r in records], dist)

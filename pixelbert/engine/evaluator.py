@@ -108,7 +108,7 @@ def pretrain_losses(model, setup: EvalSetup, records: list[Record], skips: SkipC
     (a loss needs a batch, not an answer per record), and counted."""
     cfg = setup.cfg
     grouped = group_by_image([records])
-    skips.add([("empty_text", f"empty text: {where}") for where in grouped.empty_texts], len(grouped.empty_texts))
+    skips.add(grouped.empty_text_skips(), len(grouped.empty_texts))
     dataset = PretrainDataset(grouped.groups, setup.tokenizer, cfg.data)
     images_per_batch = max(1, cfg.micro_batch_size // cfg.data.captions_per_image)
     window = MetricsWindow(setup.dist.device)
