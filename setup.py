@@ -55,6 +55,6 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
     },
 )

@@ -305,8 +305,7 @@ def test_empty_questions_are_counted_in_training_and_answered_in_evaluation(tmp_
 def test_retrieval_evaluation_on_two_ranks_equals_one(tmp_path, shortlist):
     """Sharded retrieval (each rank scores its share of the images, scores and unreadable
     images merged across ranks) gives exactly the one-rank report, an unreadable image included."""
-    import subprocess
-    from tests.test_training import ROOT, clean_env, free_port
+    from tests.launch import clean_env, run_deepspeed
     synth = tmp_path / "synthetic"
     synthetic.generate(synth, 40, 3)
     run, val = eval_run(tmp_path, synth, "retrieval", f"task.shortlist={shortlist}", "data.max_bad_fraction=0.5")
@@ -317,10 +316,8 @@ def test_retrieval_evaluation_on_two_ranks_equals_one(tmp_path, shortlist):
     reports = []
     for ranks in (1, 2):
         (run / "eval_retrieval_val.json").unlink(missing_ok=True)
-        result = subprocess.run(
-            ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module",
-             "pixelbert.evaluate", "--config", str(run / "config.json"), "--checkpoint", str(run / "weights.pt")],
-            cwd=ROOT, env=clean_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+        result = run_deepspeed(["--module", "pixelbert.evaluate", "--config", str(run / "config.json"),
+                                "--checkpoint", str(run / "weights.pt")], ranks, clean_env(OMP_NUM_THREADS="1"), 600)
         assert result.returncode == 0, result.stderr[-3000:]
         reports.append(json.loads((run / "eval_retrieval_val.json").read_text()))
     one, two = reports

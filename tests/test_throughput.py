@@ -5,12 +5,12 @@ the measurements exist and add up, not how fast anything is.
 """
 import csv
 import json
-import subprocess
 import sys
 
 import pytest
 
-from tests.test_training import ROOT, SMALL, clean_env, launch
+from tests.launch import ROOT, clean_env, run_python
+from tests.test_training import SMALL, launch
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from throughput import ALL_MODES, largest_fitting  # noqa: E402
@@ -59,11 +59,8 @@ def test_zero3_two_ranks_hold_half_the_state_of_one(tmp_path, synthetic_dir):
 @pytest.mark.slow
 def test_quick_benchmark_writes_every_mode(tmp_path):
     out, table = tmp_path / "throughput.json", tmp_path / "throughput.csv"
-    result = subprocess.run(
-        [sys.executable, "benchmarks/throughput.py", "--quick", "--steps", "2", "--warmup", "1", "--images", "24",
-         "--out", str(out), "--csv", str(table)],
-        cwd=ROOT, env=clean_env(OMP_NUM_THREADS="1"),
-        capture_output=True, text=True, timeout=600)
+    result = run_python(["benchmarks/throughput.py", "--quick", "--steps", "2", "--warmup", "1", "--images", "24",
+                         "--out", str(out), "--csv", str(table)], clean_env(OMP_NUM_THREADS="1"), 600)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     print(result.stdout[-4000:])
     report = json.loads(out.read_text())

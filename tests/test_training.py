@@ -4,15 +4,12 @@ Each run is a subprocess (`deepspeed` launcher or plain `python`) on the CPU wit
 user would start it.
 """
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.launch import clean_env, run_deepspeed, run_python
 pytestmark = pytest.mark.slow
 
 # A model small enough for several runs per test on 2 cores; dropout off where runs must agree.
@@ -26,21 +23,9 @@ SMALL = ["model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attenti
 NO_DROPOUT = ["model.hidden_dropout_prob=0.0", "model.attention_probs_dropout_prob=0.0"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def synthetic_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("synthetic")
-
-
-def clean_env(**extra: str) -> dict:
-    """The environment for a child run: no process-group settings leaked from this process."""
-    leaked = ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-    return {**{k: v for k, v in os.environ.items() if k not in leaked}, "DS_ACCELERATOR": "cpu", **extra}
 
 
 def launch(out: Path, synthetic: Path, overrides: list[str], ranks: int = 1,
@@ -50,12 +35,10 @@ def launch(out: Path, synthetic: Path, overrides: list[str], ranks: int = 1,
             f"data.tokenizer_cache={synthetic.parent / 'tokenizers'}", "data.synthetic_images=96",
             # a CNN from scratch unless a test names one; validation only where a test asks for it
             "model.backbone_weights=null", "train.eval_every=0", *overrides]
-    if ranks == 1:
-        cmd = [sys.executable, "train.py", *args]
-    else:
-        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), "train.py", *args]
     env = clean_env(PYTHONUNBUFFERED="1")
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if ranks == 1:
+        return run_python(["train.py", *args], env, timeout)
+    return run_deepspeed(["train.py", *args], ranks, env, timeout)
 
 
 def run_train(out: Path, synthetic: Path, overrides: list[str], ranks: int = 1, timeout: int = 900) -> list[dict]:
@@ -144,6 +127,7 @@ def mean(records: list[dict], key: str) -> float:
     return sum(r[key] for r in records) / len(records)
 
 
+@pytest.mark.timeout(3000)
 def test_tiny_training_lowers_mlm_and_itm_loss(tmp_path):
     """The README's first command, stopped early: the synthetic-label CNN
     (pixelbert.tools.pretrain_backbone, its defaults), then configs/tiny.json as shipped on the
@@ -155,13 +139,12 @@ def test_tiny_training_lowers_mlm_and_itm_loss(tmp_path):
     channels-last as shipped now (2026-11-30: 0.42 and 78.5 % at the end; on the val captions
     0.44 and 77 %); ~400 steps after it the ITM loss is below 0.5."""
     data, cnn = tmp_path / "synthetic", tmp_path / "tiny-cnn.pth"
-    pretrain = subprocess.run([sys.executable, "-m", "pixelbert.tools.pretrain_backbone", "--synthetic", str(data),
-                               "--out", str(cnn)], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
-                              timeout=1800)
+    pretrain = run_python(["-m", "pixelbert.tools.pretrain_backbone", "--synthetic", str(data), "--out", str(cnn)],
+                          timeout=1200)
     assert pretrain.returncode == 0, pretrain.stderr[-3000:]
     records = run_train(tmp_path / "tiny", data, [
         "data.synthetic_images=2000", f"model.backbone_weights={cnn}", "train.stop_at_step=4500",
-        "train.save_every=0", "train.eval_every=500"], timeout=3000)
+        "train.save_every=0", "train.eval_every=500"], timeout=2700)
     assert records[-1]["step"] == 4500
     start, end = records[:10], records[-10:]  # steps 10-100 and 4,410-4,500
     print({k: (round(mean(start, k), 3), round(mean(end, k), 3)) for k in ("mlm_loss", "mlm_acc", "itm_loss", "itm_acc")})
@@ -240,9 +223,8 @@ def test_validation_during_training_is_the_evaluate_cli_and_changes_nothing(tmp_
     assert list(reports) == [3, 4]  # every 3 steps, and at the end
     if task == "vqa":
         assert (run / "vqa_val_step3_results.json").is_file()
-    result = subprocess.run([sys.executable, "-m", "pixelbert.evaluate", "--config", str(run / "config.json"),
-                             "--checkpoint", str(run)], cwd=ROOT, env=clean_env(),
-                            capture_output=True, text=True, timeout=600)
+    result = run_python(["-m", "pixelbert.evaluate", "--config", str(run / "config.json"), "--checkpoint", str(run)],
+                        timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     cli = json.loads((run / f"eval_{task}_val.json").read_text())
     for key in keys:
@@ -309,10 +291,8 @@ def test_pretrain_then_finetune_vqa_beats_the_majority_answer(tmp_path, syntheti
         "train.task=vqa", f"task.init_from={tmp_path / 'pre'}", "task.min_answer_count=3",
         "train.max_steps=120", "train.warmup_steps=10", "train.lr=0.0005", "train.backbone_lr=0.0005"])
     assert records[-1]["vqa_loss"] < records[0]["vqa_loss"]
-    result = subprocess.run([sys.executable, "-m", "pixelbert.evaluate", "--config",
-                             str(tmp_path / "vqa" / "config.json"), "--checkpoint", str(tmp_path / "vqa")],
-                            cwd=ROOT, env=clean_env(), capture_output=True,
-                            text=True, timeout=600)
+    result = run_python(["-m", "pixelbert.evaluate", "--config", str(tmp_path / "vqa" / "config.json"),
+                         "--checkpoint", str(tmp_path / "vqa")], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "vqa" / "eval_vqa_val.json").read_text())
     print(report)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -70,6 +71,26 @@ def shutdown_distributed() -> None:
     ranks may never arrive."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    remove_shm_segment()
+
+
+def shm_segment_path(rank: int | None = None) -> Path:
+    """The shared-memory file DeepSpeed's CPU all-reduce creates for a rank (its shm.cpp names it
+    after the user, MASTER_ADDR, MASTER_PORT and the rank); only launcher runs on one machine
+    (LOCAL_SIZE == world size) create one."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    return Path("/dev/shm") / name
+
+
+def remove_shm_segment() -> None:
+    """DeepSpeed (0.19) never unlinks that file: each two-rank run left 2 x 67 MB of RAM behind
+    in /dev/shm, and a few hundred runs starved the machine. Every rank mapped its peers'
+    segments while the process group came up, so unlinking its own at exit takes nothing from a
+    peer still running (the launcher kills the peers of a rank that fails)."""
+    if "LOCAL_SIZE" in os.environ and "MASTER_PORT" in os.environ:
+        shm_segment_path().unlink(missing_ok=True)
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:
