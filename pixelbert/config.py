@@ -202,9 +202,11 @@ class TrainConfig:
     # Evaluate on data.val (or the synthetic set's val split) every this many steps and at the
     # end, into eval.jsonl: the task's report (VQA accuracy, NLVR2 accuracy, retrieval recall) or,
     # for pre-training, MLM/ITM loss and accuracy on the val captions. 0: never. eval_records > 0
-    # evaluates only the split's first that many records.
+    # evaluates only the split's first that many records; eval_batch_size: VQA/NLVR2 items per
+    # forward pass (retrieval scores 8x as many pairs per pass against one image's features).
     eval_every: int = 0
     eval_records: int = 0
+    eval_batch_size: int = 32
     resume: bool = False
     # The paper's optimiser split: SGD for the CNN, AdamW for everything else. A CNN trained from
     # scratch (no backbone_weights) needs "adamw" to learn in time; configs/tiny.json keeps
@@ -227,7 +229,7 @@ class TrainConfig:
     optimizer_kernel: str = "auto"
 
     def validate(self) -> None:
-        _positive(self, "max_steps", "log_every")
+        _positive(self, "max_steps", "log_every", "eval_batch_size")
         if self.seed < 0:
             raise ConfigError(f"train.seed must be >= 0, got {self.seed}")
         for key in ("save_every", "eval_every", "eval_records"):

@@ -5,9 +5,10 @@
 VQA writes the official results file (`[{"question_id", "answer"}]`) and, when the split has
 annotations, the official accuracy; NLVR2 reports accuracy and consistency; retrieval ranks
 every text for every image and every image for every text (the backbone runs once per image,
-its pixel features are cached, pairs are scored in batches and sharded across ranks when
-launched with several), optionally only a shortlist per image (`task.shortlist=k`); a
-pre-training run reports its MLM and ITM loss and accuracy on the split's captions. Results go
+its pixel features are cached and pairs are scored in batches), optionally only a shortlist
+per image (`task.shortlist=k`); a pre-training run reports its MLM and ITM loss and accuracy on
+the split's captions. Launched on several ranks (`deepspeed --num_gpus N --module
+pixelbert.evaluate ...`) the ranks split the work and report what one rank would. Results go
 to stdout and `RUN/eval_<task>_<split>.json`. The work itself is `pixelbert.engine.evaluator`,
 which training's `train.eval_every` runs too.
 """
@@ -54,7 +55,7 @@ def run(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     task = cfg.train.task
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched on several ranks: shard retrieval
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched on several ranks: they split the work
         configure_accelerator()
         dist = init_distributed()
     else:  # one process: no process group (it would hold a port in the caller's process)
@@ -71,7 +72,7 @@ def run(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model.to(dist.device).eval()
-    skips = SkipCounter()  # every rank reads what it counts (retrieval merges first): no sum
+    skips = SkipCounter()  # the whole split's on every rank: evaluate merges the ranks' skips
     try:
         report = evaluate(model, EvalSetup(cfg, tokenizer, dist, answers), records, args.split, skips)
     except TooManyBadRecords as e:  # the data, not the model: its own exit code, as in training

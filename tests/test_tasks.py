@@ -301,27 +301,38 @@ def test_empty_questions_are_counted_in_training_and_answered_in_evaluation(tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shortlist", [0, 6])
-def test_retrieval_evaluation_on_two_ranks_equals_one(tmp_path, shortlist):
-    """Sharded retrieval (each rank scores its share of the images, scores and unreadable
-    images merged across ranks) gives exactly the one-rank report, an unreadable image included."""
+@pytest.mark.parametrize("task,shortlist", [("vqa", 0), ("nlvr2", 0), ("retrieval", 0), ("retrieval", 6)])
+def test_evaluation_on_two_ranks_equals_one(tmp_path, task, shortlist):
+    """Sharded evaluation (VQA and NLVR2 batches, retrieval images, split over the ranks; the
+    predictions, scores and skips merged) gives exactly the one-rank report, with an unreadable
+    image in rank 1's share that rank 0 learns of only by the merge."""
     from tests.launch import clean_env, run_deepspeed
     synth = tmp_path / "synthetic"
     synthetic.generate(synth, 40, 3)
-    run, val = eval_run(tmp_path, synth, "retrieval", f"task.shortlist={shortlist}", "data.max_bad_fraction=0.5")
-    broken = Path(sorted({r.image for r in val})[1])  # rank 1's share: rank 0 learns of it by the merge
+    # Batches of 3: VQA's 16 questions make 6 batches, NLVR2's 8 statements 3.
+    run, val = eval_run(tmp_path, synth, task, f"task.shortlist={shortlist}", "data.max_bad_fraction=0.5",
+                        "train.eval_batch_size=3")
+    if task == "retrieval":  # image i is on rank i mod 2
+        broken = Path(sorted({r.image for r in val})[1])
+    else:  # record 4 is in batch 1, on rank 1
+        broken = Path(val[4].images[1] if task == "nlvr2" else val[4].image)
     head = broken.read_bytes()[:200]
     broken.unlink()
     broken.write_bytes(head)
-    reports = []
+    reports, results = [], []
     for ranks in (1, 2):
-        (run / "eval_retrieval_val.json").unlink(missing_ok=True)
+        (run / f"eval_{task}_val.json").unlink(missing_ok=True)
         result = run_deepspeed(["--module", "pixelbert.evaluate", "--config", str(run / "config.json"),
                                 "--checkpoint", str(run / "weights.pt")], ranks, clean_env(OMP_NUM_THREADS="1"), 600)
         assert result.returncode == 0, result.stderr[-3000:]
-        reports.append(json.loads((run / "eval_retrieval_val.json").read_text()))
+        reports.append(json.loads((run / f"eval_{task}_val.json").read_text()))
+        if task == "vqa":
+            results.append(json.loads(Path(reports[-1]["results_file"]).read_text()))
     one, two = reports
-    assert one["skipped"] == two["skipped"] == {"truncated": 1}
+    on_broken = sum(str(broken) in (r.images or (r.image,)) for r in val)
+    assert one["skipped"] == two["skipped"] == {"truncated": 1 if task == "retrieval" else on_broken}
+    if task == "vqa":
+        assert one["fallback_answers"] == on_broken and sorted(results[0], key=str) == sorted(results[1], key=str)
     if shortlist:  # each image shortlists 6 texts, so at most 6 per image can be covered
         assert 0 < one["shortlist_coverage"] <= 100.0 * shortlist * one["images"] / one["texts"]
     assert {k: v for k, v in one.items() if k != "checkpoint"} == {k: v for k, v in two.items() if k != "checkpoint"}

@@ -58,14 +58,25 @@ def test_two_ranks_zero1_2_3_match_one_rank(tmp_path, synthetic_dir):
     one = run_train(tmp_path / "one", synthetic_dir, common + [
         "deepspeed.train_micro_batch_size_per_gpu=4", "deepspeed.gradient_accumulation_steps=2",
         "deepspeed.zero_optimization.stage=0"])
+    validations = {}
     for stage in (1, 2, 3):
+        # Validation on: ZeRO-1 and 2 split it over the ranks, ZeRO-3 runs all of it on each.
         two = run_train(tmp_path / f"zero{stage}", synthetic_dir, common + [
             "deepspeed.train_micro_batch_size_per_gpu=4", "deepspeed.gradient_accumulation_steps=1",
-            f"deepspeed.zero_optimization.stage={stage}"], ranks=2)
+            f"deepspeed.zero_optimization.stage={stage}", "train.eval_every=2", "train.eval_records=12"], ranks=2)
         assert [r["step"] for r in two] == [1, 2, 3, 4]
         for key in ("loss", "mlm_loss", "itm_loss"):
             assert losses(two, key) == pytest.approx(losses(one, key), rel=1e-4, abs=1e-5), (stage, key)
         assert losses(two, "mlm_acc") == losses(one, "mlm_acc")
+        validations[stage] = eval_lines(tmp_path / f"zero{stage}")
+    # Sharded validation (the 12 val captions' 3 images make two batches, one per rank) reports
+    # what each rank running all of it does.
+    for stage in (1, 2):
+        assert list(validations[stage]) == list(validations[3]) == [2, 4]
+        for step in (2, 4):
+            numbers = [{k: v for k, v in validations[s][step].items() if k not in ("eval_s", "skipped")}
+                       for s in (stage, 3)]
+            assert numbers[0] == pytest.approx(numbers[1], rel=1e-4, abs=1e-5), (stage, step)
     # The runs learned something in four steps, so agreeing was not trivial.
     assert len(set(losses(one))) == 4
 

@@ -34,6 +34,15 @@ class SkipCounter:
                 if len(shown) < EXAMPLES_PER_REASON:
                     shown.append(message)
 
+    def merge(self, counts: dict[str, int], attempts: int, examples: dict[str, list[str]]) -> None:
+        """Add another counter's contents (another rank's, gathered)."""
+        with self._lock:
+            self.attempts += attempts
+            self.counts.update(counts)
+            for reason, messages in examples.items():
+                shown = self.examples.setdefault(reason, [])
+                shown.extend(messages[:EXAMPLES_PER_REASON - len(shown)])
+
     def totals(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
                device: torch.device | str = "cpu") -> tuple[dict[str, int], int]:
         """(skips per reason, attempts), summed over ranks with `all_reduce_sum` when given

@@ -108,6 +108,15 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def gather_objects(part) -> list:
+    """Every rank's `part` (picklable), in rank order; [part] without a process group."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return [part]
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, part)
+    return parts
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(values)

@@ -5,6 +5,11 @@ pre-training validation losses. `python -m pixelbert.evaluate` and the training 
 An image that cannot be read is never replaced by another record (training does that; an
 evaluation must answer for every record): it is counted in a SkipCounter and each task decides
 what it means for its metric.
+
+On several ranks the work is split (EvalSetup.shard): VQA, NLVR2 and the pre-training losses
+by batch (batch b on rank b mod world size, the batches one rank would make), retrieval by
+image; predictions, losses and skips are then merged so that every rank holds the whole split's
+report, the one a single rank gives.
 """
 from __future__ import annotations
 
@@ -30,11 +35,9 @@ from pixelbert.data.tasks import AnswerVocabulary, TaskDataset, collate_task
 from pixelbert.data.tokenizer import TextTokenizer
 from pixelbert.engine.batches import to_device
 from pixelbert.engine.data import caption_records, read_task_records, task_sources, with_text
-from pixelbert.engine.distributed import DistInfo, all_reduce_sum
-from pixelbert.engine.metrics import MetricsWindow
+from pixelbert.engine.distributed import DistInfo, all_reduce_sum, gather_objects
+from pixelbert.engine.metrics import MetricsWindow, window_means
 from pixelbert.fileio import write_atomic
-
-EVAL_BATCH = 32  # items per forward pass
 
 
 @dataclass
@@ -46,7 +49,25 @@ class EvalSetup:
     answers: Optional[AnswerVocabulary] = None  # VQA's answer vocabulary
     float_dtype: torch.dtype = torch.float32  # the model's dtype: training may run in bf16
     results_suffix: str = ""  # VQA results file: vqa_<split><suffix>_results.json
-    shard: bool = True  # retrieval splits its images over the ranks (else every rank does all)
+    # Split the work over the ranks (else every rank does all of it: ZeRO-3, whose forward
+    # passes gather parameters collectively, needs the same passes on every rank).
+    shard: bool = True
+
+    def my_share(self, count: int) -> range:
+        """The indices (of batches, or of images) this rank evaluates."""
+        return range(self.dist.rank, count, self.dist.world_size) if self.shard else range(count)
+
+    def merge(self, part):
+        """Every rank's `part` (a list, rank order) when the work was split, else [part]."""
+        return gather_objects(part) if self.shard else [part]
+
+    def merge_skips(self, skips: SkipCounter) -> None:
+        """Add the other ranks' skips to this rank's, so every rank judges the whole split."""
+        if self.shard:
+            mine = (dict(skips.counts), skips.attempts, skips.examples)
+            for rank, (counts, attempts, examples) in enumerate(gather_objects(mine)):
+                if rank != self.dist.rank:
+                    skips.merge(counts, attempts, examples)
 
     def to_device(self, batch: dict) -> dict:
         return to_device(batch, self.dist.device, self.float_dtype)
@@ -108,29 +129,35 @@ def pretrain_losses(model, setup: EvalSetup, records: list[Record], skips: SkipC
     (a loss needs a batch, not an answer per record), and counted."""
     cfg = setup.cfg
     grouped = group_by_image([records])
-    skips.add(grouped.empty_text_skips(), len(grouped.empty_texts))
     dataset = PretrainDataset(grouped.groups, setup.tokenizer, cfg.data)
     images_per_batch = max(1, cfg.micro_batch_size // cfg.data.captions_per_image)
+    starts = range(0, len(dataset), images_per_batch)
     window = MetricsWindow(setup.dist.device)
-    for start in range(0, len(dataset), images_per_batch):
-        items = [dataset[(i, i)] for i in range(start, min(start + images_per_batch, len(dataset)))]
+    for b in setup.my_share(len(starts)):
+        items = [dataset[(i, i)] for i in range(starts[b], min(starts[b] + images_per_batch, len(dataset)))]
         batch = collate(items, setup.tokenizer.pad_id, cfg.data.pad_multiple, cfg.data.itm_negative_probability)
         skips.add(batch["skips"], batch["attempts"])
         window.add(model(setup.to_device(batch)), samples=len(batch["input_ids"]), images=len(items))
+    setup.merge_skips(skips)
+    skips.add(grouped.empty_text_skips(), len(grouped.empty_texts))  # every rank found them all
     check_readable(skips, cfg)
-    # Every rank evaluated the same batches: the cross-rank means are this rank's.
-    means = window.summary()
+    totals: Counter[str] = Counter()  # a rank may have had no batch: merge sums by key, not by position
+    for part in setup.merge(window.local_totals()):
+        totals.update(part)
+    means = window_means(totals)
     return {"images": len(dataset), **{k: v for k, v in means.items() if k == "loss" or k.endswith(("_loss", "_acc"))}}
 
 
 # ---- VQA and NLVR2 ----------------------------------------------------------------------------
 
 def task_batches(dataset: TaskDataset, setup: EvalSetup, skips: SkipCounter):
-    """Batches of the dataset's readable records, in order, decoded in data.num_workers loader
-    processes. A record that cannot be read is counted in `skips` and left out; what that means
-    for the metric is the caller's call."""
-    data = setup.cfg.data
-    loader = DataLoader(dataset, batch_size=EVAL_BATCH, sampler=[(i, i) for i in range(len(dataset))],
+    """Batches of the dataset's readable records (this rank's share of them), in order, decoded
+    in data.num_workers loader processes. A record that cannot be read is counted in `skips` and
+    left out; what that means for the metric is the caller's call."""
+    data, size = setup.cfg.data, setup.cfg.train.eval_batch_size
+    batches = [[(i, i) for i in range(start, min(start + size, len(dataset)))]
+               for start in range(0, len(dataset), size)]
+    loader = DataLoader(dataset, batch_sampler=[batches[b] for b in setup.my_share(len(batches))],
                         num_workers=data.num_workers, pin_memory=torch.cuda.is_available(),
                         collate_fn=partial(collate_readable, pad_id=setup.tokenizer.pad_id,
                                            pad_multiple=data.pad_multiple))
@@ -158,6 +185,8 @@ def evaluate_vqa(model, setup: EvalSetup, records: list[Record], split: str, ski
     for batch in task_batches(dataset, setup, skips):
         best = model.logits(batch).argmax(dim=1).tolist()
         predictions.update({qid: answers.answers[a] for qid, a in zip(batch["question_ids"], best)})
+    predictions = {q: a for part in setup.merge(predictions) for q, a in part.items()}
+    setup.merge_skips(skips)
     check_readable(skips, cfg)
     unanswered = [r.question_id for r in records if r.question_id not in predictions]
     predictions.update({q: answers.answers[0] for q in unanswered})
@@ -201,6 +230,10 @@ def evaluate_nlvr2(model, setup: EvalSetup, records: list[Record], skips: SkipCo
         predicted = model.logits(batch).argmax(dim=1).tolist()
         for identifier, p, label in zip(batch["identifiers"], predicted, batch["nlvr2_labels"].tolist()):
             predictions[identifier], labels[identifier] = bool(p), bool(label)
+    merged = setup.merge((predictions, labels))
+    predictions = {k: v for part, _ in merged for k, v in part.items()}
+    labels = {k: v for _, part in merged for k, v in part.items()}
+    setup.merge_skips(skips)
     check_readable(skips, setup.cfg)
     report = evaluation.nlvr2_accuracy(predictions, labels)
     report["statements"] = len(labels)
@@ -268,24 +301,25 @@ def retrieval_scores(model, setup: EvalSetup, records: list[Record],
     attention_mask[:, 0] = 1
     scores = torch.full((len(images), len(texts)), float("-inf"), dtype=torch.float64)
     read = ImageReader(images, setup)
-    candidates = shortlist_texts(model, read, input_ids.to(dist.device), attention_mask.to(dist.device),
-                                 cfg.task.shortlist)
-    rank, ranks = (dist.rank, dist.world_size) if setup.shard else (0, 1)
-    for i in range(rank, len(images), ranks):  # this rank's share of the images
+    k = cfg.task.shortlist
+    vectors = text_vectors(model, input_ids.to(dist.device), attention_mask.to(dist.device)) \
+        if 0 < k < len(texts) else None
+    for i in setup.my_share(len(images)):
         image = read(i)
         if image is None:
             continue
         pixels, sizes = image
         feat = model.pixel_embeddings.features(pixels)  # once per image, reused for all its pairs
-        rows = candidates[i] if candidates is not None else torch.arange(len(texts))
-        for start in range(0, len(rows), EVAL_BATCH * 8):
-            chunk = rows[start:start + EVAL_BATCH * 8]
+        rows = torch.arange(len(texts)) if vectors is None else shortlist(model, feat, sizes, vectors, k)
+        pairs_per_pass = 8 * cfg.train.eval_batch_size
+        for start in range(0, len(rows), pairs_per_pass):
+            chunk = rows[start:start + pairs_per_pass]
             batch = setup.to_device({"images": pixels, "image_sizes": sizes, "input_ids": input_ids[chunk],
                                      "attention_mask": attention_mask[chunk],
                                      "token_type_ids": torch.zeros_like(input_ids[chunk]),
                                      "pair_image": torch.zeros(len(chunk), dtype=torch.long)})
             scores[i, chunk] = model.scores(batch, feat).double().cpu()
-    if ranks > 1:  # every rank filled its own rows; the others hold -inf
+    if setup.shard and dist.world_size > 1:  # every rank filled its own rows; the others hold -inf
         finite = torch.isfinite(scores)
         total = all_reduce_sum(torch.where(finite, scores, torch.zeros_like(scores)).to(dist.device)).cpu()
         seen = all_reduce_sum(finite.double().to(dist.device)).cpu() > 0
@@ -305,21 +339,15 @@ def readable_only(scores: torch.Tensor, img_of_text: list[int], readable: torch.
     return scores[readable][:, texts], [new_index[img_of_text[n]] for n in texts]
 
 
-def shortlist_texts(model, read: ImageReader, input_ids, attention_mask, k: int):
-    """Per image, the k texts most similar by a cheap score (cosine of the mean word embedding
-    of the text and the mean pixel token of the image), or None for full ranking. An
-    unreadable image gets no shortlist (its row is dropped later)."""
-    if k <= 0 or k >= len(input_ids):
-        return None
+def text_vectors(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The shortlist's text side: each text's mean word embedding, unit length [T, D]."""
     words = model.embeddings.word_embeddings(input_ids) * attention_mask[..., None]
-    text_vectors = torch.nn.functional.normalize(words.float().sum(1) / attention_mask.sum(1, keepdim=True), dim=1)
-    picks = []
-    for i in range(len(read.paths)):
-        image = read(i)
-        if image is None:
-            picks.append(torch.zeros(0, dtype=torch.long))
-            continue
-        tokens, mask = model.pixel_embeddings(*image, sample=False)
-        image_vector = torch.nn.functional.normalize(tokens[mask].float().mean(0), dim=0)
-        picks.append((text_vectors @ image_vector).topk(k).indices.cpu())
-    return picks
+    return torch.nn.functional.normalize(words.float().sum(1) / attention_mask.sum(1, keepdim=True), dim=1)
+
+
+def shortlist(model, feat: torch.Tensor, sizes: torch.Tensor, vectors: torch.Tensor, k: int) -> torch.Tensor:
+    """The k texts most similar to one image by a cheap score: the cosine of their text vector
+    and the image's mean pixel token (all its valid cells), from the features already computed."""
+    cells, _ = model.pixel_embeddings.select_cells(feat, sizes, sample=False)
+    image_vector = torch.nn.functional.normalize(model.pixel_embeddings.pool_rows(feat, cells).float().mean(0), dim=0)
+    return (vectors @ image_vector).topk(k).indices.cpu()

@@ -49,15 +49,23 @@ class MetricsWindow:
 
     def summary(self) -> dict[str, float]:
         """Means over the window, across all ranks (a collective call: every rank must call it)."""
-        t = dict(zip(self.keys, all_reduce_sum(self.totals.clone()).tolist()))
-        micro = max(t["micro_batches"], 1.0)
-        summary = {"loss": t["loss"] / micro}
-        summary.update({k: v / micro for k, v in t.items() if k.endswith("_loss")})
-        summary.update({k[:-len("_correct")] + "_acc": v / max(t[k[:-len("_correct")] + "_count"], 1.0)
-                        for k, v in t.items() if k.endswith("_correct")})
-        summary.update(samples=t["samples"], images=t["images"],
-                       padded_fraction=t["padded_fraction"] / micro)
-        return summary
+        return window_means(dict(zip(self.keys, all_reduce_sum(self.totals.clone()).tolist())))
+
+    def local_totals(self) -> dict[str, float]:
+        """This rank's sums (none when it added nothing), for window_means after a merge."""
+        return dict(zip(self.keys, self.totals.tolist()))
+
+
+def window_means(t: dict[str, float]) -> dict[str, float]:
+    """The logged means of a window's summed outputs (MetricsWindow's totals by key)."""
+    micro = max(t["micro_batches"], 1.0)
+    summary = {"loss": t["loss"] / micro}
+    summary.update({k: v / micro for k, v in t.items() if k.endswith("_loss")})
+    summary.update({k[:-len("_correct")] + "_acc": v / max(t[k[:-len("_correct")] + "_count"], 1.0)
+                    for k, v in t.items() if k.endswith("_correct")})
+    summary.update(samples=t["samples"], images=t["images"],
+                   padded_fraction=t["padded_fraction"] / micro)
+    return summary
 
 
 class JsonlLog:
