@@ -288,6 +288,22 @@ def test_preparer_drops_what_the_batch_decoder_cannot_read(groups, tok, cfg):
     assert skips.attempts == 3
 
 
+def test_a_micro_batch_with_no_decodable_image_is_replaced_by_the_last_decoded_one(groups, tok, cfg):
+    encoded = PretrainDataset(groups, tok, cfg, encoded_images=True)
+    batches = [collate([encoded[(i, i)] for i in range(start, start + 2)], tok.pad_id, 32) for start in (0, 2)]
+    skips = SkipCounter()
+    prepare = BatchPreparer(torch.device("cpu"), torch.float32, skips, FailingDecoder([0, 1]))
+    with pytest.raises(RuntimeError, match="first micro-batch could be decoded.*truncated"):
+        prepare(batches[0])  # nothing decoded yet: nothing can stand in
+    prepare.decoder = FailingDecoder([])
+    good, _ = prepare(batches[0])
+    prepare.decoder = FailingDecoder([0, 1])
+    stand_in, stats = prepare(batches[1])
+    assert stand_in.keys() == good.keys() and stats["images"] == 2
+    assert all(torch.equal(stand_in[k], good[k]) for k in good if torch.is_tensor(good[k]))
+    assert skips.counts == {"truncated": 4} and skips.attempts == 6
+
+
 def test_prefetcher_hands_out_batches_in_order_and_measures_waiting(dataset, tok):
     batches = iter([collate([dataset[(i, i)], dataset[(i + 1, i)]], tok.pad_id, 32) for i in range(4)])
     prefetch = Prefetcher(batches, BatchPreparer(torch.device("cpu"), torch.float32, SkipCounter()),

@@ -36,6 +36,7 @@ class BatchPreparer:
         """`decoder(list of encoded images)` -> object with images, sizes and failed
         [(position, reason, detail)], as `pixelbert.data.dali_decode.DaliImageDecoder`."""
         self.device, self.float_dtype, self.skips, self.decoder = device, float_dtype, skips, decoder
+        self.last_decoded: Optional[dict[str, Any]] = None  # stands in for a micro-batch with no image left
 
     def __call__(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """(model inputs on the device, batch statistics)."""
@@ -59,9 +60,19 @@ class BatchPreparer:
                 self.skips.add([(reason, f"{reason}: {batch['image_keys'][position]} ({detail})")], 0)
             batch = drop_images(batch, keep)
             if len(batch["input_ids"]) == 0:
-                raise RuntimeError(f"no image of a micro-batch could be decoded: {decoded.failed}")
+                return self._stand_in(decoded.failed)
         batch["images"], batch["image_sizes"] = decoded.images, decoded.sizes
+        self.last_decoded = batch
         return batch
+
+    def _stand_in(self, failed: list) -> dict[str, Any]:
+        """A micro-batch none of whose images decodes (counted above) still has to be a step on
+        every rank: the last decoded micro-batch stands in, as a random other record stands in
+        for an unreadable one on the PIL path. Keeping it costs one micro-batch of memory."""
+        if self.last_decoded is None:
+            raise RuntimeError(f"no image of the first micro-batch could be decoded ({len(failed)} images, the "
+                               f"first: {failed[0][1]}: {failed[0][2]}) and no earlier batch can stand in")
+        return self.last_decoded
 
 
 class Prefetcher:
