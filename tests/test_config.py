@@ -60,6 +60,7 @@ def test_source_list_override(config_file):
     ("model.kernels=cuda", "model.kernels must be one of"),
     ("train.eval_every=-1", "train.eval_every must be >= 0"),
     ("train.eval_records=-5", "train.eval_records must be >= 0"),
+    ("train.eval_batch_size=0", "train.eval_batch_size must be >= 1"),
 ])
 def test_bad_values_name_the_key(config_file, override, message):
     with pytest.raises(ConfigError, match=None) as err:
