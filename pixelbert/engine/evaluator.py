@@ -256,25 +256,45 @@ def nlvr2_train(cfg: Config, dist: DistInfo) -> list:
 
 # ---- retrieval --------------------------------------------------------------------------------
 
+class EvalImages(torch.utils.data.Dataset):
+    """Evaluation images by index, decoded in loader workers: (index, pixels [1, 3, H, W],
+    sizes [1, 2]) or, for one that cannot be read, (index, code) with code = 1 + its
+    SKIP_REASONS index (a number ranks can merge with a max)."""
+
+    def __init__(self, paths: list[str], data):
+        self.paths, self.data = paths, data
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            image = load_image(self.paths[index], self.data.image_shorter, self.data.image_longer)
+        except BadSample as bad:
+            return index, 1 + SKIP_REASONS.index(bad.reason)
+        return (index, *pad_images([image], self.data.pad_multiple))
+
+
 class ImageReader:
-    """Loads evaluation images one at a time and remembers which cannot be read, as a code per
-    image (0 readable, else 1 + the SKIP_REASONS index) that ranks can merge with a max."""
+    """This rank's share of the evaluation images, each read once, in order, in data.num_workers
+    loader processes; remembers which cannot be read (a code per image, 0 when readable)."""
 
     def __init__(self, paths: list[str], setup: EvalSetup):
         self.paths, self.setup = paths, setup
         self.unreadable = torch.zeros(len(paths), dtype=torch.int64)
 
-    def __call__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(pixels [1, 3, H, W] on the device, sizes [1, 2]) of image `index`, or None when it
-        cannot be read."""
+    def __iter__(self):
+        """(index, pixels on the device, sizes) of each readable image of this rank's share."""
         data = self.setup.cfg.data
-        try:
-            image = load_image(self.paths[index], data.image_shorter, data.image_longer)
-        except BadSample as bad:
-            self.unreadable[index] = 1 + SKIP_REASONS.index(bad.reason)
-            return None
-        pixels, sizes = pad_images([image], data.pad_multiple)
-        return pixels.to(self.setup.dist.device, self.setup.float_dtype), sizes
+        loader = DataLoader(EvalImages(self.paths, data), batch_size=None,
+                            sampler=list(self.setup.my_share(len(self.paths))), num_workers=data.num_workers,
+                            pin_memory=torch.cuda.is_available())
+        for index, *image in loader:
+            if len(image) == 1:
+                self.unreadable[index] = image[0]
+                continue
+            pixels, sizes = image
+            yield index, pixels.to(self.setup.dist.device, self.setup.float_dtype), sizes
 
     def count(self, skips: SkipCounter) -> None:
         """Every image as an attempt, every unreadable one as a skip."""
@@ -304,11 +324,7 @@ def retrieval_scores(model, setup: EvalSetup, records: list[Record],
     k = cfg.task.shortlist
     vectors = text_vectors(model, input_ids.to(dist.device), attention_mask.to(dist.device)) \
         if 0 < k < len(texts) else None
-    for i in setup.my_share(len(images)):
-        image = read(i)
-        if image is None:
-            continue
-        pixels, sizes = image
+    for i, pixels, sizes in read:
         feat = model.pixel_embeddings.features(pixels)  # once per image, reused for all its pairs
         rows = torch.arange(len(texts)) if vectors is None else shortlist(model, feat, sizes, vectors, k)
         pairs_per_pass = 8 * cfg.train.eval_batch_size
