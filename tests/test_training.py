@@ -60,17 +60,16 @@ def test_two_ranks_zero1_2_3_match_one_rank(tmp_path, synthetic_dir):
         "deepspeed.zero_optimization.stage=0"])
     validations = {}
     for stage in (1, 2, 3):
-        # Validation on: ZeRO-1 and 2 split it over the ranks, ZeRO-3 runs all of it on each.
+        # Validation on: the ranks split it; under ZeRO-3 rank 1 makes a filler pass to match rank 0.
         two = run_train(tmp_path / f"zero{stage}", synthetic_dir, common + [
             "deepspeed.train_micro_batch_size_per_gpu=4", "deepspeed.gradient_accumulation_steps=1",
-            f"deepspeed.zero_optimization.stage={stage}", "train.eval_every=2", "train.eval_records=12"], ranks=2)
+            f"deepspeed.zero_optimization.stage={stage}", "train.eval_every=2", "train.eval_records=20"], ranks=2)
         assert [r["step"] for r in two] == [1, 2, 3, 4]
         for key in ("loss", "mlm_loss", "itm_loss"):
             assert losses(two, key) == pytest.approx(losses(one, key), rel=1e-4, abs=1e-5), (stage, key)
         assert losses(two, "mlm_acc") == losses(one, "mlm_acc")
         validations[stage] = eval_lines(tmp_path / f"zero{stage}")
-    # Sharded validation (the 12 val captions' 3 images make two batches, one per rank) reports
-    # what each rank running all of it does.
+    # The 20 val captions' 5 images make three batches, two on rank 0 and one on rank 1.
     for stage in (1, 2):
         assert list(validations[stage]) == list(validations[3]) == [2, 4]
         for step in (2, 4):
@@ -113,6 +112,24 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, synthetic_di
     assert {"mlm_loss", "itm_loss", "mlm_acc", "itm_acc"} <= set(straight_eval[6])
     assert 1 < straight_eval[6]["images"] < 12  # the images of the first 12 val captions
     assert straight_eval[2]["mlm_loss"] != straight_eval[6]["mlm_loss"]
+
+
+@pytest.mark.parametrize("task, records", [("vqa", 10), ("nlvr2", 10), ("retrieval", 15)])
+def test_zero3_validation_of_each_task_makes_equal_passes_and_matches_zero2(tmp_path, synthetic_dir, task, records):
+    """Under ZeRO-3 every forward pass gathers parameters on all ranks, so a rank with less of
+    the split makes filler passes: here five batches of two records (three images for
+    retrieval), split three to two. ZeRO-2 and ZeRO-3 train alike, so their validations agree."""
+    common = SMALL + NO_DROPOUT + ["train.max_steps=2", "data.num_workers=0", "deepspeed.train_micro_batch_size_per_gpu=4",
+                                   f"train.task={task}", "task.min_answer_count=1", "train.eval_every=2",
+                                   f"train.eval_records={records}", "train.eval_batch_size=2"]
+    reports = {}
+    for stage in (2, 3):
+        run_train(tmp_path / f"zero{stage}", synthetic_dir, common + [f"deepspeed.zero_optimization.stage={stage}"],
+                  ranks=2, timeout=300)
+        reports[stage] = {k: v for k, v in eval_lines(tmp_path / f"zero{stage}")[2].items()
+                          if k not in ("eval_s", "results_file")}
+    assert reports[3] == reports[2]  # accuracies and recalls of argmax predictions and rankings
+    assert reports[3].get("questions", reports[3].get("statements", reports[3].get("images"))) in (records, 3)
 
 
 @pytest.mark.parametrize("stage, kernel", [(2, "foreach"), (3, "fused")])

@@ -6,10 +6,12 @@ An image that cannot be read is never replaced by another record (training does 
 evaluation must answer for every record): it is counted in a SkipCounter and each task decides
 what it means for its metric.
 
-On several ranks the work is split (EvalSetup.shard): VQA, NLVR2 and the pre-training losses
-by batch (batch b on rank b mod world size, the batches one rank would make), retrieval by
-image; predictions, losses and skips are then merged so that every rank holds the whole split's
-report, the one a single rank gives.
+On several ranks the work is split: VQA, NLVR2 and the pre-training losses by batch (batch b
+on rank b mod world size, the batches one rank would make), retrieval by image; predictions,
+losses and skips are then merged so that every rank holds the whole split's report, the one a
+single rank gives. Under ZeRO-3 (EvalSetup.equal_passes) every forward pass gathers parameters
+collectively, so each rank makes as many passes as the busiest one: a rank with less to do, or
+with a batch or image it cannot read, makes filler passes whose outputs are dropped.
 """
 from __future__ import annotations
 
@@ -49,25 +51,28 @@ class EvalSetup:
     answers: Optional[AnswerVocabulary] = None  # VQA's answer vocabulary
     float_dtype: torch.dtype = torch.float32  # the model's dtype: training may run in bf16
     results_suffix: str = ""  # VQA results file: vqa_<split><suffix>_results.json
-    # Split the work over the ranks (else every rank does all of it: ZeRO-3, whose forward
-    # passes gather parameters collectively, needs the same passes on every rank).
-    shard: bool = True
+    equal_passes: bool = False  # ZeRO-3: the same number of forward passes on every rank
 
     def my_share(self, count: int) -> range:
         """The indices (of batches, or of images) this rank evaluates."""
-        return range(self.dist.rank, count, self.dist.world_size) if self.shard else range(count)
+        return range(self.dist.rank, count, self.dist.world_size)
 
-    def merge(self, part):
-        """Every rank's `part` (a list, rank order) when the work was split, else [part]."""
-        return gather_objects(part) if self.shard else [part]
+    def filler_passes(self, count: int, made: int) -> int:
+        """How many passes to add to the `made` real ones so that this rank makes as many as a
+        rank with a full share of `count` (0 unless equal_passes)."""
+        return -(-count // self.dist.world_size) - made if self.equal_passes else 0
+
+    @staticmethod
+    def merge(part) -> list:
+        """Every rank's `part`, in rank order."""
+        return gather_objects(part)
 
     def merge_skips(self, skips: SkipCounter) -> None:
         """Add the other ranks' skips to this rank's, so every rank judges the whole split."""
-        if self.shard:
-            mine = (dict(skips.counts), skips.attempts, skips.examples)
-            for rank, (counts, attempts, examples) in enumerate(gather_objects(mine)):
-                if rank != self.dist.rank:
-                    skips.merge(counts, attempts, examples)
+        mine = (dict(skips.counts), skips.attempts, skips.examples)
+        for rank, (counts, attempts, examples) in enumerate(gather_objects(mine)):
+            if rank != self.dist.rank:
+                skips.merge(counts, attempts, examples)
 
     def to_device(self, batch: dict) -> dict:
         return to_device(batch, self.dist.device, self.float_dtype)
@@ -132,12 +137,19 @@ def pretrain_losses(model, setup: EvalSetup, records: list[Record], skips: SkipC
     dataset = PretrainDataset(grouped.groups, setup.tokenizer, cfg.data)
     images_per_batch = max(1, cfg.micro_batch_size // cfg.data.captions_per_image)
     starts = range(0, len(dataset), images_per_batch)
-    window = MetricsWindow(setup.dist.device)
-    for b in setup.my_share(len(starts)):
+
+    def batch_at(b: int) -> dict:
         items = [dataset[(i, i)] for i in range(starts[b], min(starts[b] + images_per_batch, len(dataset)))]
-        batch = collate(items, setup.tokenizer.pad_id, cfg.data.pad_multiple, cfg.data.itm_negative_probability)
+        return collate(items, setup.tokenizer.pad_id, cfg.data.pad_multiple, cfg.data.itm_negative_probability)
+
+    window = MetricsWindow(setup.dist.device)
+    share = setup.my_share(len(starts))
+    for b in share:
+        batch = batch_at(b)
         skips.add(batch["skips"], batch["attempts"])
-        window.add(model(setup.to_device(batch)), samples=len(batch["input_ids"]), images=len(items))
+        window.add(model(setup.to_device(batch)), samples=len(batch["input_ids"]), images=len(batch["image_sizes"]))
+    for _ in range(setup.filler_passes(len(starts), len(share))):  # a bad image is replaced: batches never empty
+        model(setup.to_device(batch_at(0)))
     setup.merge_skips(skips)
     skips.add(grouped.empty_text_skips(), len(grouped.empty_texts))  # every rank found them all
     check_readable(skips, cfg)
@@ -150,10 +162,12 @@ def pretrain_losses(model, setup: EvalSetup, records: list[Record], skips: SkipC
 
 # ---- VQA and NLVR2 ----------------------------------------------------------------------------
 
-def task_batches(dataset: TaskDataset, setup: EvalSetup, skips: SkipCounter):
-    """Batches of the dataset's readable records (this rank's share of them), in order, decoded
-    in data.num_workers loader processes. A record that cannot be read is counted in `skips` and
-    left out; what that means for the metric is the caller's call."""
+def task_outputs(dataset: TaskDataset, setup: EvalSetup, skips: SkipCounter, forward):
+    """(batch, forward(batch)) for each batch of the readable records of this rank's share, in
+    order, decoded in data.num_workers loader processes. A record that cannot be read is counted
+    in `skips` and left out; what that means for the metric is the caller's call. With
+    equal_passes, a batch with nothing readable and each batch this rank has fewer than the
+    busiest one are filler passes (the split's first readable record) whose outputs are dropped."""
     data, size = setup.cfg.data, setup.cfg.train.eval_batch_size
     batches = [[(i, i) for i in range(start, min(start + size, len(dataset)))]
                for start in range(0, len(dataset), size)]
@@ -161,10 +175,28 @@ def task_batches(dataset: TaskDataset, setup: EvalSetup, skips: SkipCounter):
                         num_workers=data.num_workers, pin_memory=torch.cuda.is_available(),
                         collate_fn=partial(collate_readable, pad_id=setup.tokenizer.pad_id,
                                            pad_multiple=data.pad_multiple))
+    made = 0
     for out in loader:
         skips.add(out["bad"], out["count"])
         if out["batch"] is not None:
-            yield setup.to_device(out["batch"])
+            batch = setup.to_device(out["batch"])
+            made += 1
+            yield batch, forward(batch)
+    fillers = setup.filler_passes(len(batches), made)
+    if fillers > 0:
+        filler = first_readable(dataset, setup)
+        for _ in range(fillers if filler is not None else 0):  # None: no rank read anything
+            forward(filler)
+
+
+def first_readable(dataset: TaskDataset, setup: EvalSetup) -> Optional[dict]:
+    """The split's first readable record as a one-item batch on the device (None if none is):
+    the same on every rank."""
+    for i in range(len(dataset)):
+        item = dataset[(i, i)]
+        if "bad" not in item:
+            return setup.to_device(collate_task([item], setup.tokenizer.pad_id, setup.cfg.data.pad_multiple))
+    return None
 
 
 def collate_readable(items: list[dict], pad_id: int, pad_multiple: int) -> dict:
@@ -182,8 +214,8 @@ def evaluate_vqa(model, setup: EvalSetup, records: list[Record], split: str, ski
     cfg, answers = setup.cfg, setup.answers
     dataset = TaskDataset("vqa", records, setup.tokenizer, cfg.data, answers=answers, replace_bad=False)
     predictions: dict[int, str] = {}
-    for batch in task_batches(dataset, setup, skips):
-        best = model.logits(batch).argmax(dim=1).tolist()
+    for batch, logits in task_outputs(dataset, setup, skips, model.logits):
+        best = logits.argmax(dim=1).tolist()
         predictions.update({qid: answers.answers[a] for qid, a in zip(batch["question_ids"], best)})
     predictions = {q: a for part in setup.merge(predictions) for q, a in part.items()}
     setup.merge_skips(skips)
@@ -226,8 +258,8 @@ def evaluate_nlvr2(model, setup: EvalSetup, records: list[Record], skips: SkipCo
     statements whose two images can be read (the others are counted in `skips`)."""
     dataset = TaskDataset("nlvr2", records, setup.tokenizer, setup.cfg.data, replace_bad=False)
     predictions, labels = {}, {}
-    for batch in task_batches(dataset, setup, skips):
-        predicted = model.logits(batch).argmax(dim=1).tolist()
+    for batch, logits in task_outputs(dataset, setup, skips, model.logits):
+        predicted = logits.argmax(dim=1).tolist()
         for identifier, p, label in zip(batch["identifiers"], predicted, batch["nlvr2_labels"].tolist()):
             predictions[identifier], labels[identifier] = bool(p), bool(label)
     merged = setup.merge((predictions, labels))
@@ -284,17 +316,25 @@ class ImageReader:
         self.unreadable = torch.zeros(len(paths), dtype=torch.int64)
 
     def __iter__(self):
-        """(index, pixels on the device, sizes) of each readable image of this rank's share."""
-        data = self.setup.cfg.data
-        loader = DataLoader(EvalImages(self.paths, data), batch_size=None,
-                            sampler=list(self.setup.my_share(len(self.paths))), num_workers=data.num_workers,
-                            pin_memory=torch.cuda.is_available())
+        """(index, pixels on the device, sizes) of each readable image of this rank's share; with
+        equal_passes, then (None, a blank image, its size) for each pass it is short of the
+        busiest rank (its own unreadable images included)."""
+        data, setup = self.setup.cfg.data, self.setup
+        share = setup.my_share(len(self.paths))
+        loader = DataLoader(EvalImages(self.paths, data), batch_size=None, sampler=list(share),
+                            num_workers=data.num_workers, pin_memory=torch.cuda.is_available())
+        made = 0
         for index, *image in loader:
             if len(image) == 1:
                 self.unreadable[index] = image[0]
                 continue
             pixels, sizes = image
-            yield index, pixels.to(self.setup.dist.device, self.setup.float_dtype), sizes
+            made += 1
+            yield index, pixels.to(setup.dist.device, setup.float_dtype), sizes
+        side = -(-64 // data.pad_multiple) * data.pad_multiple  # the smallest image the CNN's grid takes
+        for _ in range(setup.filler_passes(len(self.paths), made)):
+            yield None, torch.zeros(1, 3, side, side, device=setup.dist.device, dtype=setup.float_dtype), \
+                torch.tensor([[side, side]])
 
     def count(self, skips: SkipCounter) -> None:
         """Every image as an attempt, every unreadable one as a skip."""
@@ -324,7 +364,7 @@ def retrieval_scores(model, setup: EvalSetup, records: list[Record],
     k = cfg.task.shortlist
     vectors = text_vectors(model, input_ids.to(dist.device), attention_mask.to(dist.device)) \
         if 0 < k < len(texts) else None
-    for i, pixels, sizes in read:
+    for i, pixels, sizes in read:  # i None: a filler pass (equal_passes), its scores dropped
         feat = model.pixel_embeddings.features(pixels)  # once per image, reused for all its pairs
         rows = torch.arange(len(texts)) if vectors is None else shortlist(model, feat, sizes, vectors, k)
         pairs_per_pass = 8 * cfg.train.eval_batch_size
@@ -334,8 +374,10 @@ def retrieval_scores(model, setup: EvalSetup, records: list[Record],
                                      "attention_mask": attention_mask[chunk],
                                      "token_type_ids": torch.zeros_like(input_ids[chunk]),
                                      "pair_image": torch.zeros(len(chunk), dtype=torch.long)})
-            scores[i, chunk] = model.scores(batch, feat).double().cpu()
-    if setup.shard and dist.world_size > 1:  # every rank filled its own rows; the others hold -inf
+            pair_scores = model.scores(batch, feat)
+            if i is not None:
+                scores[i, chunk] = pair_scores.double().cpu()
+    if dist.world_size > 1:  # every rank filled its own rows; the others hold -inf
         finite = torch.isfinite(scores)
         total = all_reduce_sum(torch.where(finite, scores, torch.zeros_like(scores)).to(dist.device)).cpu()
         seen = all_reduce_sum(finite.double().to(dist.device)).cpu() > 0

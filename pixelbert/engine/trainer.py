@@ -86,16 +86,16 @@ def log(dist: DistInfo, message: str) -> None:
 class Validation:
     """`train.eval_every`: the evaluation `python -m pixelbert.evaluate` runs, on data.val, during
     training, appended to eval.jsonl (cut back to the checkpoint's step on resume, like
-    metrics.jsonl). The ranks split the work, except under ZeRO-3: there every forward pass
-    gathers parameters collectively, so all ranks must run the same passes and each evaluates
-    the whole split. The RNG state is put back afterwards, so a run with validation trains
-    exactly as one without."""
+    metrics.jsonl). The ranks split the work; under ZeRO-3 every forward pass gathers
+    parameters collectively, so each rank makes as many passes as the busiest one
+    (EvalSetup.equal_passes). The RNG state is put back afterwards, so a run with validation
+    trains exactly as one without."""
 
     def __init__(self, cfg: Config, data, dist: DistInfo, float_dtype: torch.dtype, start_step: int):
         self.cfg, self.dist = cfg, dist
         self.records = read_eval_records(cfg, "val", dist, cfg.train.eval_records)
         zero3 = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0) == 3
-        self.setup = EvalSetup(cfg, data.tokenizer, dist, data.answers, float_dtype, shard=not zero3)
+        self.setup = EvalSetup(cfg, data.tokenizer, dist, data.answers, float_dtype, equal_passes=zero3)
         output_dir = Path(cfg.train.output_dir)
         self.log = JsonlLog(output_dir / "eval.jsonl", start_step if cfg.train.resume else None) \
             if dist.is_main else None
