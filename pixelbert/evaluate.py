@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -74,7 +75,9 @@ def run(argv=None) -> int:
     model.to(dist.device).eval()
     skips = SkipCounter()  # the whole split's on every rank: evaluate merges the ranks' skips
     try:
+        start = time.perf_counter()
         report = evaluate(model, EvalSetup(cfg, tokenizer, dist, answers), records, args.split, skips)
+        report["eval_s"] = time.perf_counter() - start  # the evaluation itself: no start-up, no model loading
     except TooManyBadRecords as e:  # the data, not the model: its own exit code, as in training
         print(f"error: {e}", file=sys.stderr)
         return 3
