@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from pixelbert.config import ConfigError, load_config
-from pixelbert.engine.distributed import configure_accelerator
+from pixelbert.engine.distributed import configure_accelerator, exit_process
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,4 +45,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -28,7 +28,8 @@ from pixelbert.data.skips import SkipCounter, TooManyBadRecords, summary
 from pixelbert.data.tasks import AnswerVocabulary
 from pixelbert.data.tokenizer import run_tokenizer
 from pixelbert.engine.data import ANSWERS_FILE
-from pixelbert.engine.distributed import DistInfo, configure_accelerator, init_distributed, shutdown_distributed
+from pixelbert.engine.distributed import (DistInfo, configure_accelerator, exit_process, init_distributed,
+                                          shutdown_distributed)
 from pixelbert.engine.evaluator import EvalSetup, evaluate, read_eval_records
 from pixelbert.engine.weights import load_weights
 from pixelbert.fileio import write_atomic
@@ -95,4 +96,4 @@ def run(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,8 @@ def init_distributed() -> DistInfo:
     accelerator = get_accelerator()
     on_gpu = accelerator.device_name() == "cuda"
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    global _had_process_group
+    _had_process_group = True
     rank = torch.distributed.get_rank()
     world_size = torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -72,6 +75,23 @@ def shutdown_distributed() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     remove_shm_segment()
+
+
+_had_process_group = False  # set by init_distributed: exit_process leaves without finalisation
+
+
+def exit_process(code: int) -> None:
+    """End a `train.py` or `pixelbert.evaluate` process. After a process group, without
+    interpreter finalisation: a gloo worker thread may still be releasing the last collective's
+    work, whose tensors need the GIL that finalisation is tearing down, and the process dies in
+    std::terminate (SIGABRT, exit code 250). Seen in about one two-rank evaluation in ten even
+    after destroy_process_group; a core dump showed ProcessGroupGloo::AsyncWork::~AsyncWork ->
+    decref -> take_gil -> pthread_exit during Py_FinalizeEx. Everything has been written by now."""
+    if not _had_process_group:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def shm_segment_path(rank: int | None = None) -> Path:

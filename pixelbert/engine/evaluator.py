@@ -62,11 +62,6 @@ class EvalSetup:
         rank with a full share of `count` (0 unless equal_passes)."""
         return -(-count // self.dist.world_size) - made if self.equal_passes else 0
 
-    @staticmethod
-    def merge(part) -> list:
-        """Every rank's `part`, in rank order."""
-        return gather_objects(part)
-
     def merge_skips(self, skips: SkipCounter) -> None:
         """Add the other ranks' skips to this rank's, so every rank judges the whole split."""
         mine = (dict(skips.counts), skips.attempts, skips.examples)
@@ -154,7 +149,7 @@ def pretrain_losses(model, setup: EvalSetup, records: list[Record], skips: SkipC
     skips.add(grouped.empty_text_skips(), len(grouped.empty_texts))  # every rank found them all
     check_readable(skips, cfg)
     totals: Counter[str] = Counter()  # a rank may have had no batch: merge sums by key, not by position
-    for part in setup.merge(window.local_totals()):
+    for part in gather_objects(window.local_totals()):
         totals.update(part)
     means = window_means(totals)
     return {"images": len(dataset), **{k: v for k, v in means.items() if k == "loss" or k.endswith(("_loss", "_acc"))}}
@@ -217,7 +212,7 @@ def evaluate_vqa(model, setup: EvalSetup, records: list[Record], split: str, ski
     for batch, logits in task_outputs(dataset, setup, skips, model.logits):
         best = logits.argmax(dim=1).tolist()
         predictions.update({qid: answers.answers[a] for qid, a in zip(batch["question_ids"], best)})
-    predictions = {q: a for part in setup.merge(predictions) for q, a in part.items()}
+    predictions = {q: a for part in gather_objects(predictions) for q, a in part.items()}
     setup.merge_skips(skips)
     check_readable(skips, cfg)
     unanswered = [r.question_id for r in records if r.question_id not in predictions]
@@ -262,7 +257,7 @@ def evaluate_nlvr2(model, setup: EvalSetup, records: list[Record], skips: SkipCo
         predicted = logits.argmax(dim=1).tolist()
         for identifier, p, label in zip(batch["identifiers"], predicted, batch["nlvr2_labels"].tolist()):
             predictions[identifier], labels[identifier] = bool(p), bool(label)
-    merged = setup.merge((predictions, labels))
+    merged = gather_objects((predictions, labels))
     predictions = {k: v for part, _ in merged for k, v in part.items()}
     labels = {k: v for _, part in merged for k, v in part.items()}
     setup.merge_skips(skips)
