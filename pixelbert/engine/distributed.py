@@ -68,10 +68,9 @@ def init_distributed() -> DistInfo:
 
 
 def shutdown_distributed() -> None:
-    """Take the process group down before the process exits: one that exits with gloo's threads
-    still up can die in std::terminate ("terminate called without an active exception", exit
-    code 250), seen at the end of two-rank evaluations. No barrier: on an error path the other
-    ranks may never arrive."""
+    """Take the process group down and remove this rank's DeepSpeed segment before the process
+    exits (exit_process then skips interpreter finalisation, where gloo's threads still crashed
+    it now and then). No barrier: on an error path the other ranks may never arrive."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     remove_shm_segment()
