@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import statistics
 import subprocess
 import time
@@ -41,7 +42,10 @@ def median_ms(device: torch.device, fn: Callable, repeats: int, warmup: int = 5)
 
 
 def git_commit() -> str:
-    """The short commit of the working tree (unknown outside a git checkout)."""
+    """The short commit of the working tree: $PIXELBERT_COMMIT where set (a copy of the tree
+    without .git, as on a device machine), else git's; unknown outside a checkout."""
+    if os.environ.get("PIXELBERT_COMMIT"):
+        return os.environ["PIXELBERT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()
