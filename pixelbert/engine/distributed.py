@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,8 @@ def init_distributed() -> DistInfo:
 
     accelerator = get_accelerator()
     on_gpu = accelerator.device_name() == "cuda"
+    if not on_gpu and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        remove_stale_shm_segments()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     global _had_process_group
     _had_process_group = True
@@ -93,14 +96,18 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "deepspeed_allreduce_buffer_"
+
+
 def shm_segment_path(rank: int | None = None) -> Path:
     """The shared-memory file DeepSpeed's CPU all-reduce creates for a rank (its shm.cpp names it
     after the user, MASTER_ADDR, MASTER_PORT and the rank); only launcher runs on one machine
     (LOCAL_SIZE == world size) create one."""
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+    name = (f"{SHM_PREFIX}{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{rank}")
-    return Path("/dev/shm") / name
+    return SHM_DIR / name
 
 
 def remove_shm_segment() -> None:
@@ -110,6 +117,64 @@ def remove_shm_segment() -> None:
     peer still running (the launcher kills the peers of a rank that fails)."""
     if "LOCAL_SIZE" in os.environ and "MASTER_PORT" in os.environ:
         shm_segment_path().unlink(missing_ok=True)
+
+
+STALE_SEGMENT_AGE_S = 120  # a live run maps its segment within seconds of creating it
+
+
+def remove_stale_shm_segments() -> list[str]:
+    """Remove this user's DeepSpeed segments that no process has open or mapped and that are
+    older than STALE_SEGMENT_AGE_S: those of runs killed before remove_shm_segment ran (a
+    SIGKILL, an out-of-memory kill). Each holds 67 MB of RAM until the machine restarts, and a
+    few hundred starved one. Segments of runs still going stay: their ranks map them."""
+    owned = [path for path in SHM_DIR.glob(f"{SHM_PREFIX}*") if _owned_by_me(path)]
+    if not owned:
+        return []
+    in_use = _shm_files_in_use()
+    now = time.time()
+    removed = []
+    for path in owned:
+        try:
+            old = now - path.stat().st_mtime > STALE_SEGMENT_AGE_S
+        except FileNotFoundError:
+            continue
+        if old and str(path) not in in_use:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    if removed:
+        print(f"removed {len(removed)} stale DeepSpeed shared-memory segment(s) from {SHM_DIR}, "
+              f"left by runs that were killed: {', '.join(removed[:4])}{' ...' if len(removed) > 4 else ''}",
+              file=sys.stderr, flush=True)
+    return removed
+
+
+def _owned_by_me(path: Path) -> bool:
+    try:
+        return path.stat().st_uid == os.getuid()
+    except FileNotFoundError:
+        return False
+
+
+def _shm_files_in_use() -> set[str]:
+    """Paths under SHM_DIR that any process this user can inspect has mapped or open."""
+    in_use = set()
+    prefix = str(SHM_DIR) + "/"
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for line in (proc / "maps").read_text().splitlines():
+                fields = line.split(maxsplit=5)  # address perms offset device inode [path]
+                path = fields[5] if len(fields) == 6 else ""
+                if path.startswith(prefix):
+                    in_use.add(path.removesuffix(" (deleted)"))
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith(prefix):
+                    in_use.add(target)
+        except OSError:  # gone, or another user's process
+            continue
+    return in_use
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:
