@@ -314,6 +314,23 @@ def test_prefetcher_hands_out_batches_in_order_and_measures_waiting(dataset, tok
     assert prefetch.wait_s >= 0
 
 
+def test_closing_the_prefetcher_ends_the_loader_workers(dataset, cfg):
+    """train.py leaves through os._exit (exit_process), which never collects the loader's
+    iterator: close() must end its persistent workers itself."""
+    import multiprocessing
+
+    from pixelbert.data.sampler import build_pretrain_loader
+    loader = build_pretrain_loader(dataset, StepBatchSampler(len(dataset), 2, 1, 1, 0, seed=3),
+                                   replace(cfg, num_workers=2), collate)
+    prefetch = Prefetcher(iter(loader), BatchPreparer(torch.device("cpu"), torch.float32, SkipCounter()),
+                          torch.device("cpu"))
+    next(prefetch)
+    workers = multiprocessing.active_children()
+    assert len(workers) >= 2
+    prefetch.close()
+    assert not any(worker.is_alive() for worker in workers)
+
+
 def test_loader_batches_do_not_depend_on_workers(dataset, cfg):
     from pixelbert.data.sampler import build_pretrain_loader
 

@@ -111,5 +111,11 @@ class Prefetcher:
         return inputs, stats
 
     def close(self) -> None:
+        """Stop prefetching and end the loader's worker processes now: persistent workers would
+        otherwise end only when the iterator is collected, and exit_process skips that (they
+        then linger until their watchdog sees the parent gone)."""
         self._next.cancel()
         self._thread.shutdown(wait=True)
+        shutdown_workers = getattr(self.batches, "_shutdown_workers", None)  # a DataLoader iterator's
+        if shutdown_workers is not None:
+            shutdown_workers()

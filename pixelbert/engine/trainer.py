@@ -183,47 +183,49 @@ def train(cfg: Config) -> dict:
     engine.train()
     progress = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not dist.is_main,
                     desc=cfg.train.task, dynamic_ncols=True)
-    for step in range(start_step + 1, stop_step + 1):
-        rates = learning_rates(optimizer)  # the rates this step's update uses
-        for micro in range(accum):
-            batch, stats = next(batches)
-            out = engine(batch)
-            engine.backward(out["loss"])
-            window.add(out, samples=len(batch["input_ids"]), images=stats["images"],
-                       padded_fraction=stats["padded_fraction"])
-            if micro == accum - 1 and window.any_nonfinite():
-                raise FloatingPointError(f"non-finite loss at step {step}; the optimiser did not step. "
-                                         "Lower the learning rates or check the data of this step.")
-            engine.step()
-        progress.update(1)
-        if step % cfg.train.log_every == 0 or step == stop_step:
-            elapsed = time.perf_counter() - window_start
-            summary = window.summary()
-            skipped, attempts = skips.totals(all_reduce_sum, dist.device)
-            last = {"step": step, **{k: v for k, v in summary.items() if k not in ("samples", "images")},
-                    **rates,
-                    "samples_per_s": summary["samples"] / elapsed,
-                    "images_per_s": summary["images"] / elapsed,
-                    "data_wait_fraction": batches.wait_s / elapsed,
-                    "skipped": skipped}
-            if metrics_log:
-                metrics_log.write(last)
-            shown = {k.removesuffix("_loss"): f"{v:.3f}" for k, v in last.items() if k.endswith("_loss")}
-            progress.set_postfix(loss=f"{last['loss']:.3f}", **shown, sps=f"{last['samples_per_s']:.1f}")
-            window.reset()
-            window_start, batches.wait_s = time.perf_counter(), 0.0
-            skips.check(skipped, attempts, cfg.data.max_bad_fraction, cfg.data.min_items_before_bad_check)
-        validate = validation and (step % cfg.train.eval_every == 0 or step == stop_step)
-        save = (cfg.train.save_every and step % cfg.train.save_every == 0) or step == stop_step
-        if validate or save:
-            broadcast_buffers(engine.module)
-        if validate:
-            report = validation.run(engine, step)
-            window_start += report["eval_s"]  # samples_per_s counts training time only
-        if save:
-            checkpoint.save(engine, ckpt_dir, step, dist)
-    progress.close()
-    batches.close()
+    try:  # the loader workers end with the loop, also on an error
+        for step in range(start_step + 1, stop_step + 1):
+            rates = learning_rates(optimizer)  # the rates this step's update uses
+            for micro in range(accum):
+                batch, stats = next(batches)
+                out = engine(batch)
+                engine.backward(out["loss"])
+                window.add(out, samples=len(batch["input_ids"]), images=stats["images"],
+                           padded_fraction=stats["padded_fraction"])
+                if micro == accum - 1 and window.any_nonfinite():
+                    raise FloatingPointError(f"non-finite loss at step {step}; the optimiser did not step. "
+                                             "Lower the learning rates or check the data of this step.")
+                engine.step()
+            progress.update(1)
+            if step % cfg.train.log_every == 0 or step == stop_step:
+                elapsed = time.perf_counter() - window_start
+                summary = window.summary()
+                skipped, attempts = skips.totals(all_reduce_sum, dist.device)
+                last = {"step": step, **{k: v for k, v in summary.items() if k not in ("samples", "images")},
+                        **rates,
+                        "samples_per_s": summary["samples"] / elapsed,
+                        "images_per_s": summary["images"] / elapsed,
+                        "data_wait_fraction": batches.wait_s / elapsed,
+                        "skipped": skipped}
+                if metrics_log:
+                    metrics_log.write(last)
+                shown = {k.removesuffix("_loss"): f"{v:.3f}" for k, v in last.items() if k.endswith("_loss")}
+                progress.set_postfix(loss=f"{last['loss']:.3f}", **shown, sps=f"{last['samples_per_s']:.1f}")
+                window.reset()
+                window_start, batches.wait_s = time.perf_counter(), 0.0
+                skips.check(skipped, attempts, cfg.data.max_bad_fraction, cfg.data.min_items_before_bad_check)
+            validate = validation and (step % cfg.train.eval_every == 0 or step == stop_step)
+            save = (cfg.train.save_every and step % cfg.train.save_every == 0) or step == stop_step
+            if validate or save:
+                broadcast_buffers(engine.module)
+            if validate:
+                report = validation.run(engine, step)
+                window_start += report["eval_s"]  # samples_per_s counts training time only
+            if save:
+                checkpoint.save(engine, ckpt_dir, step, dist)
+    finally:
+        progress.close()
+        batches.close()
     skipped, attempts = skips.totals(all_reduce_sum, dist.device)
     log(dist, f"bad records skipped: {skip_counts.summary(skipped)} (of {attempts} read)")
     # Parameter and optimiser-state bytes this rank holds (ZeRO partitions), one file per rank.
