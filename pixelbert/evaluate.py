@@ -30,7 +30,7 @@ from pixelbert.data.tokenizer import run_tokenizer
 from pixelbert.engine.data import ANSWERS_FILE
 from pixelbert.engine.distributed import (DistInfo, configure_accelerator, exit_process, init_distributed,
                                           shutdown_distributed)
-from pixelbert.engine.evaluator import EvalSetup, evaluate, read_eval_records
+from pixelbert.engine.evaluator import EvalSetup, eval_decoder, evaluate, read_eval_records
 from pixelbert.engine.weights import load_weights
 from pixelbert.fileio import write_atomic
 from pixelbert.model.tasks import build_model
@@ -70,15 +70,21 @@ def run(argv=None) -> int:
         model = build_model(cfg, len(answers.answers) if answers else None)
         load_weights(model, args.checkpoint)
         records = read_eval_records(cfg, args.split, dist)
+        decoder, decoder_name = eval_decoder(cfg, dist.device)
     except (FileNotFoundError, ValueError) as e:  # a missing path, a source of the wrong kind
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # data.decoder=dali without DALI
+        print(f"config error: {e}", file=sys.stderr)
         return 2
     model.to(dist.device).eval()
     skips = SkipCounter()  # the whole split's on every rank: evaluate merges the ranks' skips
     try:
         start = time.perf_counter()
-        report = evaluate(model, EvalSetup(cfg, tokenizer, dist, answers), records, args.split, skips)
+        setup = EvalSetup(cfg, tokenizer, dist, answers, decoder=decoder)
+        report = evaluate(model, setup, records, args.split, skips)
         report["eval_s"] = time.perf_counter() - start  # the evaluation itself: no start-up, no model loading
+        report["decoder"] = decoder_name
     except TooManyBadRecords as e:  # the data, not the model: its own exit code, as in training
         print(f"error: {e}", file=sys.stderr)
         return 3

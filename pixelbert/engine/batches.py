@@ -37,6 +37,7 @@ class BatchPreparer:
         [(position, reason, detail)], as `pixelbert.data.dali_decode.DaliImageDecoder`."""
         self.device, self.float_dtype, self.skips, self.decoder = device, float_dtype, skips, decoder
         self.last_decoded: Optional[dict[str, Any]] = None  # stands in for a micro-batch with no image left
+        self.failed: list = []  # the failures of the last batch decode() left empty
 
     def __call__(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """(model inputs on the device, batch statistics)."""
@@ -49,6 +50,16 @@ class BatchPreparer:
         return to_device(batch, self.device, self.float_dtype), stats
 
     def _decode(self, batch: dict[str, Any]) -> dict[str, Any]:
+        decoded = self.decode(batch)
+        if decoded is None:
+            return self._stand_in(self.failed)
+        self.last_decoded = decoded
+        return decoded
+
+    def decode(self, batch: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """The batch with its `encoded` images decoded. An image the decoder cannot read is
+        counted (as a skip, not as another attempt: the loader counted the record) and dropped
+        with its pairs; None when no pair is left (`failed` then says why)."""
         if self.decoder is None:
             raise RuntimeError("the loader handed over encoded images but no batch decoder is set")
         decoded = self.decoder(batch["encoded"])
@@ -60,9 +71,9 @@ class BatchPreparer:
                 self.skips.add([(reason, f"{reason}: {batch['image_keys'][position]} ({detail})")], 0)
             batch = drop_images(batch, keep)
             if len(batch["input_ids"]) == 0:
-                return self._stand_in(decoded.failed)
+                self.failed = decoded.failed
+                return None
         batch["images"], batch["image_sizes"] = decoded.images, decoded.sizes
-        self.last_decoded = batch
         return batch
 
     def _stand_in(self, failed: list) -> dict[str, Any]:

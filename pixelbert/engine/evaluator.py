@@ -4,7 +4,9 @@ pre-training validation losses. `python -m pixelbert.evaluate` and the training 
 
 An image that cannot be read is never replaced by another record (training does that; an
 evaluation must answer for every record): it is counted in a SkipCounter and each task decides
-what it means for its metric.
+what it means for its metric. Images are decoded as in training: by PIL in the loader workers,
+or, when data.decoder picks DALI, as file bytes from the workers decoded a batch at a time on
+the device (EvalSetup.decoder).
 
 On several ranks the work is split: VQA, NLVR2 and the pre-training losses by batch (batch b
 on rank b mod world size, the batches one rank would make), retrieval by image; predictions,
@@ -21,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -31,12 +33,13 @@ from pixelbert.config import Config
 from pixelbert.data.dataset import PretrainDataset, collate, group_by_image
 from pixelbert.data.errors import SKIP_REASONS, BadSample
 from pixelbert.data.formats import Record, read_json
-from pixelbert.data.images import load_image, pad_images
+from pixelbert.data.images import load_encoded, load_image, pad_images
 from pixelbert.data.skips import SkipCounter, TooManyBadRecords, summary
 from pixelbert.data.tasks import AnswerVocabulary, TaskDataset, collate_task
 from pixelbert.data.tokenizer import TextTokenizer
-from pixelbert.engine.batches import to_device
+from pixelbert.engine.batches import BatchPreparer, to_device
 from pixelbert.engine.data import caption_records, read_task_records, task_sources, with_text
+from pixelbert.engine.decoding import build_decoder
 from pixelbert.engine.distributed import DistInfo, all_reduce_sum, gather_objects
 from pixelbert.engine.metrics import MetricsWindow, window_means
 from pixelbert.fileio import write_atomic
@@ -52,6 +55,7 @@ class EvalSetup:
     float_dtype: torch.dtype = torch.float32  # the model's dtype: training may run in bf16
     results_suffix: str = ""  # VQA results file: vqa_<split><suffix>_results.json
     equal_passes: bool = False  # ZeRO-3: the same number of forward passes on every rank
+    decoder: Optional[Callable] = None  # DALI's batch decoder (eval_decoder); None: PIL in the workers
 
     def my_share(self, count: int) -> range:
         """The indices (of batches, or of images) this rank evaluates."""
@@ -71,6 +75,20 @@ class EvalSetup:
 
     def to_device(self, batch: dict) -> dict:
         return to_device(batch, self.dist.device, self.float_dtype)
+
+    def decode(self, batch: dict, skips: SkipCounter) -> Optional[dict]:
+        """A loader batch with pixels: as it is, or with its file bytes decoded by `decoder`, an
+        image that does not decode counted in `skips` and left out with its pairs (None when
+        nothing is left)."""
+        if "encoded" not in batch:
+            return batch
+        return BatchPreparer(self.dist.device, self.float_dtype, skips, self.decoder).decode(batch)
+
+
+def eval_decoder(cfg: Config, device: torch.device) -> tuple[Optional[Callable], str]:
+    """data.decoder's choice for evaluation, sized for its largest call: a batch of
+    train.eval_batch_size NLVR2 items (two images each) or a pre-training micro-batch."""
+    return build_decoder(cfg.data, device, max(2 * cfg.train.eval_batch_size, cfg.micro_batch_size))
 
 
 def read_eval_records(cfg: Config, split: str, dist: DistInfo, limit: int = 0) -> list[Record]:
@@ -129,7 +147,7 @@ def pretrain_losses(model, setup: EvalSetup, records: list[Record], skips: SkipC
     (a loss needs a batch, not an answer per record), and counted."""
     cfg = setup.cfg
     grouped = group_by_image([records])
-    dataset = PretrainDataset(grouped.groups, setup.tokenizer, cfg.data)
+    dataset = PretrainDataset(grouped.groups, setup.tokenizer, cfg.data, encoded_images=setup.decoder is not None)
     images_per_batch = max(1, cfg.micro_batch_size // cfg.data.captions_per_image)
     starts = range(0, len(dataset), images_per_batch)
 
@@ -138,13 +156,21 @@ def pretrain_losses(model, setup: EvalSetup, records: list[Record], skips: SkipC
         return collate(items, setup.tokenizer.pad_id, cfg.data.pad_multiple, cfg.data.itm_negative_probability)
 
     window = MetricsWindow(setup.dist.device)
-    share = setup.my_share(len(starts))
-    for b in share:
+    made = 0
+    for b in setup.my_share(len(starts)):
         batch = batch_at(b)
         skips.add(batch["skips"], batch["attempts"])
-        window.add(model(setup.to_device(batch)), samples=len(batch["input_ids"]), images=len(batch["image_sizes"]))
-    for _ in range(setup.filler_passes(len(starts), len(share))):  # a bad image is replaced: batches never empty
-        model(setup.to_device(batch_at(0)))
+        batch = setup.decode(batch, skips)  # the dataset replaced a file it could not read; DALI drops one it cannot decode
+        if batch is not None:
+            made += 1
+            window.add(model(setup.to_device(batch)), samples=len(batch["input_ids"]),
+                       images=len(batch["image_sizes"]))
+    fillers = setup.filler_passes(len(starts), made)
+    if fillers > 0:  # the first batch that decodes, the same on every rank
+        filler = next((batch for batch in (setup.decode(batch_at(b), SkipCounter()) for b in range(len(starts)))
+                       if batch is not None), None)
+        for _ in range(fillers if filler is not None else 0):
+            model(setup.to_device(filler))
     setup.merge_skips(skips)
     skips.add(grouped.empty_text_skips(), len(grouped.empty_texts))  # every rank found them all
     check_readable(skips, cfg)
@@ -173,8 +199,9 @@ def task_outputs(dataset: TaskDataset, setup: EvalSetup, skips: SkipCounter, for
     made = 0
     for out in loader:
         skips.add(out["bad"], out["count"])
-        if out["batch"] is not None:
-            batch = setup.to_device(out["batch"])
+        batch = setup.decode(out["batch"], skips) if out["batch"] is not None else None
+        if batch is not None:
+            batch = setup.to_device(batch)
             made += 1
             yield batch, forward(batch)
     fillers = setup.filler_passes(len(batches), made)
@@ -190,7 +217,10 @@ def first_readable(dataset: TaskDataset, setup: EvalSetup) -> Optional[dict]:
     for i in range(len(dataset)):
         item = dataset[(i, i)]
         if "bad" not in item:
-            return setup.to_device(collate_task([item], setup.tokenizer.pad_id, setup.cfg.data.pad_multiple))
+            batch = setup.decode(collate_task([item], setup.tokenizer.pad_id, setup.cfg.data.pad_multiple),
+                                 SkipCounter())
+            if batch is not None:
+                return setup.to_device(batch)
     return None
 
 
@@ -207,7 +237,8 @@ def evaluate_vqa(model, setup: EvalSetup, records: list[Record], split: str, ski
     question whose image cannot be read gets the most frequent training answer (the file must
     answer every question); `fallback_answers` counts them."""
     cfg, answers = setup.cfg, setup.answers
-    dataset = TaskDataset("vqa", records, setup.tokenizer, cfg.data, answers=answers, replace_bad=False)
+    dataset = TaskDataset("vqa", records, setup.tokenizer, cfg.data, answers=answers, replace_bad=False,
+                          encoded_images=setup.decoder is not None)
     predictions: dict[int, str] = {}
     for batch, logits in task_outputs(dataset, setup, skips, model.logits):
         best = logits.argmax(dim=1).tolist()
@@ -251,7 +282,8 @@ def evaluate_nlvr2(model, setup: EvalSetup, records: list[Record], skips: SkipCo
     """Accuracy and consistency, beside two blind baselines: the majority label, and with
     `train_records` the statement prior (each sentence's majority label in training). Over the
     statements whose two images can be read (the others are counted in `skips`)."""
-    dataset = TaskDataset("nlvr2", records, setup.tokenizer, setup.cfg.data, replace_bad=False)
+    dataset = TaskDataset("nlvr2", records, setup.tokenizer, setup.cfg.data, replace_bad=False,
+                          encoded_images=setup.decoder is not None)
     predictions, labels = {}, {}
     for batch, logits in task_outputs(dataset, setup, skips, model.logits):
         predicted = logits.argmax(dim=1).tolist()
@@ -283,28 +315,35 @@ def nlvr2_train(cfg: Config, dist: DistInfo) -> list:
 
 # ---- retrieval --------------------------------------------------------------------------------
 
-class EvalImages(torch.utils.data.Dataset):
-    """Evaluation images by index, decoded in loader workers: (index, pixels [1, 3, H, W],
-    sizes [1, 2]) or, for one that cannot be read, (index, code) with code = 1 + its
-    SKIP_REASONS index (a number ranks can merge with a max)."""
+def skip_code(reason: str) -> int:
+    """An unreadable image's reason as a number ranks can merge with a max (0: readable)."""
+    return 1 + SKIP_REASONS.index(reason)
 
-    def __init__(self, paths: list[str], data):
-        self.paths, self.data = paths, data
+
+class EvalImages(torch.utils.data.Dataset):
+    """Evaluation images by index, read in loader workers: (index, pixels [1, 3, H, W], sizes
+    [1, 2]) decoded by PIL, or with `encoded` (index, file bytes) for the batch decoder; for a
+    file that cannot be read, (index, its skip_code)."""
+
+    def __init__(self, paths: list[str], data, encoded: bool = False):
+        self.paths, self.data, self.encoded = paths, data, encoded
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
+        load = load_encoded if self.encoded else load_image
         try:
-            image = load_image(self.paths[index], self.data.image_shorter, self.data.image_longer)
+            image = load(self.paths[index], self.data.image_shorter, self.data.image_longer)
         except BadSample as bad:
-            return index, 1 + SKIP_REASONS.index(bad.reason)
-        return (index, *pad_images([image], self.data.pad_multiple))
+            return index, skip_code(bad.reason)
+        return (index, image) if self.encoded else (index, *pad_images([image], self.data.pad_multiple))
 
 
 class ImageReader:
     """This rank's share of the evaluation images, each read once, in order, in data.num_workers
-    loader processes; remembers which cannot be read (a code per image, 0 when readable)."""
+    loader processes (then, with a batch decoder, decoded a batch at a time); remembers which
+    cannot be read (a skip_code per image, 0 when readable)."""
 
     def __init__(self, paths: list[str], setup: EvalSetup):
         self.paths, self.setup = paths, setup
@@ -316,20 +355,44 @@ class ImageReader:
         busiest rank (its own unreadable images included)."""
         data, setup = self.setup.cfg.data, self.setup
         share = setup.my_share(len(self.paths))
-        loader = DataLoader(EvalImages(self.paths, data), batch_size=None, sampler=list(share),
-                            num_workers=data.num_workers, pin_memory=torch.cuda.is_available())
+        loader = DataLoader(EvalImages(self.paths, data, encoded=setup.decoder is not None), batch_size=None,
+                            sampler=list(share), num_workers=data.num_workers, pin_memory=torch.cuda.is_available())
         made = 0
+        pending: list[tuple[int, object]] = []  # (index, file bytes) for the next decoder call
         for index, *image in loader:
-            if len(image) == 1:
+            if isinstance(image[0], int):
                 self.unreadable[index] = image[0]
-                continue
-            pixels, sizes = image
+            elif len(image) == 1:  # file bytes (the loader made them a tensor)
+                pending.append((index, image[0]))
+            else:
+                made += 1
+                yield index, image[0].to(setup.dist.device, setup.float_dtype), image[1]
+            if pending and len(pending) == setup.decoder.max_batch_size:
+                for decoded in self.decode(pending):
+                    made += 1
+                    yield decoded
+                pending = []
+        for decoded in self.decode(pending) if pending else ():
             made += 1
-            yield index, pixels.to(setup.dist.device, setup.float_dtype), sizes
+            yield decoded
         side = -(-64 // data.pad_multiple) * data.pad_multiple  # the smallest image the CNN's grid takes
         for _ in range(setup.filler_passes(len(self.paths), made)):
             yield None, torch.zeros(1, 3, side, side, device=setup.dist.device, dtype=setup.float_dtype), \
                 torch.tensor([[side, side]])
+
+    def decode(self, pending: list[tuple[int, object]]):
+        """(index, pixels, sizes) of each image of `pending` the decoder reads, each cut to its own
+        padded size as PIL's path pads it; the others marked unreadable."""
+        setup, multiple = self.setup, self.setup.cfg.data.pad_multiple
+        out = setup.decoder([encoded for _, encoded in pending])
+        failed = {position: reason for position, reason, _ in out.failed}
+        for position, reason in failed.items():
+            self.unreadable[pending[position][0]] = skip_code(reason)
+        decoded = [index for position, (index, _) in enumerate(pending) if position not in failed]
+        for row, index in enumerate(decoded):
+            height, width = (-(-int(side) // multiple) * multiple for side in out.sizes[row])
+            pixels = out.images[row:row + 1, :, :height, :width]
+            yield index, pixels.to(setup.dist.device, setup.float_dtype), out.sizes[row:row + 1]
 
     def count(self, skips: SkipCounter) -> None:
         """Every image as an attempt, every unreadable one as a skip."""

@@ -20,7 +20,7 @@ from pixelbert.data.skips import SkipCounter
 from pixelbert.engine.batches import BatchPreparer, Prefetcher
 from pixelbert.engine.data import build_training_data
 from pixelbert.engine.distributed import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed
-from pixelbert.engine.evaluator import EvalSetup, evaluate, read_eval_records
+from pixelbert.engine.evaluator import EvalSetup, eval_decoder, evaluate, read_eval_records
 from pixelbert.engine.metrics import JsonlLog, MetricsWindow
 from pixelbert.engine.optim import build_optimizer, build_scheduler
 from pixelbert.engine.weights import load_weights
@@ -95,11 +95,14 @@ class Validation:
         self.cfg, self.dist = cfg, dist
         self.records = read_eval_records(cfg, "val", dist, cfg.train.eval_records)
         zero3 = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0) == 3
-        self.setup = EvalSetup(cfg, data.tokenizer, dist, data.answers, float_dtype, equal_passes=zero3)
+        decoder, decoder_name = eval_decoder(cfg, dist.device)
+        self.setup = EvalSetup(cfg, data.tokenizer, dist, data.answers, float_dtype, equal_passes=zero3,
+                               decoder=decoder)
         output_dir = Path(cfg.train.output_dir)
         self.log = JsonlLog(output_dir / "eval.jsonl", start_step if cfg.train.resume else None) \
             if dist.is_main else None
-        log(dist, f"validation every {cfg.train.eval_every} steps on {len(self.records)} val records")
+        log(dist, f"validation every {cfg.train.eval_every} steps on {len(self.records)} val records, "
+                  f"images decoded by {decoder_name}")
 
     def run(self, engine, step: int) -> dict:
         start = time.perf_counter()
