@@ -136,8 +136,10 @@ def test_zero3_validation_of_each_task_makes_equal_passes_and_matches_zero2(tmp_
                   ranks=2, timeout=300)
         reports[stage] = {k: v for k, v in eval_lines(tmp_path / f"zero{stage}")[2].items()
                           if k not in ("eval_s", "results_file")}
-    # Accuracies and recalls (of argmax predictions and rankings) equal; losses to rounding.
-    assert same_eval(reports[3], reports[2]), reports
+    if task == "pretrain":  # losses: equal to rounding (ZeRO-3 reduces in another order)
+        assert same_eval(reports[3], reports[2]), reports
+    else:  # accuracies and recalls of argmax predictions and rankings: exactly
+        assert reports[3] == reports[2]
     assert reports[3].get("questions", reports[3].get("statements", reports[3].get("images"))) == evaluated
 
 
