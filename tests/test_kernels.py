@@ -2,8 +2,13 @@
 
 On the CPU: `ext` (C++/OpenMP) and `triton` under TRITON_INTERPRET=1 (conftest sets it when
 there is no GPU). Tests marked `gpu` run the same cases on CUDA tensors, bf16 included (the
-Triton interpreter mishandles bf16, so bf16 Triton is covered only there).
+Triton interpreter mishandles bf16, so bf16 Triton numerics are covered only there). Without a
+GPU, every Triton launch the ops make, bf16 included, is still compiled for sm_90 (the end).
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -362,3 +367,66 @@ def test_reference_out_buffer_matches_plain_result():
     reference.pool_sample(feat, index, type_embedding, out=out, out_index=out_index)
     torch.testing.assert_close(out[1:-1], rows)
     assert (out[0] == 0).all() and (out[-1] == 0).all()
+
+
+# ---- lowering to GPU code -----------------------------------------------------------------
+
+def without_interpreter(tmp_path) -> dict:
+    """The environment of a process that compiles Triton kernels rather than interpreting them,
+    with a cache of its own so that every kernel is compiled, never reused."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    return env
+
+
+@pytest.mark.timeout(900)
+def test_every_triton_launch_compiles_for_h100_in_every_dtype(tmp_path):
+    # The interpreter above never lowers a kernel, and mishandles bf16: here each launch the
+    # ops make (forward and backward, every flag combination, fp32/fp16/bf16 and bf16 tables
+    # with fp32 parameters) is compiled for sm_90 down to a cubin.
+    result = subprocess.run([sys.executable, "-m", "pixelbert.kernels.compile_check", "--arch", "90"],
+                            env=without_interpreter(tmp_path), capture_output=True, text=True, timeout=840)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    compiled = {tuple(line.split()[2:4]) for line in result.stdout.splitlines() if line.startswith("ok ")}
+    kernels = {"_pool_sample_fwd", "_pool_sample_bwd", "_embed_layernorm_fwd", "_embed_layernorm_bwd",
+               "_segment_sum"}
+    assert compiled == {(case, kernel) for case in ("fp32", "fp16", "bf16", "bf16+fp32") for kernel in kernels}
+    assert "0 failed" in result.stdout.splitlines()[-1]
+
+
+BROKEN_KERNEL = '''
+import torch, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from pixelbert.kernels.compile_check import caught_launches, compile_launch
+
+@triton.jit
+def copy(x_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offsets, tl.load(x_ptr + offsets, mask=offsets < n), mask=offsets < n)
+
+for block in (4, 3):  # 3: tl.arange needs a power of two
+    with caught_launches() as launches:
+        copy[(1,)](torch.zeros(3, dtype=torch.bfloat16), 3, BLOCK=block)
+    (launch,) = launches
+    try:
+        compile_launch(launch, GPUTarget("cuda", 90, 32))
+        print(launch.describe(), "compiled")
+    except Exception as error:
+        print(launch.describe(), "failed:", type(error).__name__)
+'''
+
+
+def test_compile_check_catches_launches_and_reports_a_kernel_that_does_not_compile(tmp_path):
+    script = tmp_path / "broken_kernel.py"  # @triton.jit reads its source from a file
+    script.write_text(BROKEN_KERNEL)
+    result = subprocess.run([sys.executable, str(script)], env=without_interpreter(tmp_path),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == ["copy [*bf16] BLOCK=4 warps=4 compiled",
+                                          "copy [*bf16] BLOCK=3 warps=4 failed: CompilationError"]
+
+
+def test_compile_check_refuses_the_interpreter():
+    result = subprocess.run([sys.executable, "-m", "pixelbert.kernels.compile_check"],
+                            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "without TRITON_INTERPRET=1" in result.stderr
