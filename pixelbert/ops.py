@@ -10,7 +10,9 @@ error: it never falls back silently.
 """
 from __future__ import annotations
 
+import functools
 import os
+import re
 from typing import Callable, Optional
 
 import torch
@@ -83,6 +85,27 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _release(version: str) -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_incompatibility() -> Optional[str]:
+    """Why Triton's interpreter cannot run these kernels here, or None.
+
+    Up to triton 3.6 (torch 2.11's) the interpreter holds a scalar kernel argument as a
+    one-element array and, for a loop over a runtime bound, converts it with int(), which
+    numpy 2.4 refuses: the kernels' loops fail deep inside it. triton 3.7 fixed it."""
+    import numpy
+    import triton
+    if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter cannot run the kernels with numpy "
+                f"{numpy.__version__} (its loops call int() on one-element arrays, which numpy >= 2.4 "
+                "refuses; fixed in triton 3.7): install 'numpy<2.4' or triton >= 3.7")
+    return None
+
+
 def unavailable_reason(backend: str, op: str, device: torch.device,
                 dtype: Optional[torch.dtype]) -> Optional[str]:
     """Why `backend` cannot run `op` on `dtype` tensors of `device`, or None when it can."""
@@ -91,6 +114,8 @@ def unavailable_reason(backend: str, op: str, device: torch.device,
                 f"(available: {sorted(_REGISTRY[op])})")
     if backend == "triton" and device.type == "cpu" and not triton_interpreted():
         return "kernel backend 'triton' runs CPU tensors only with TRITON_INTERPRET=1 set before import"
+    if backend == "triton" and device.type == "cpu" and interpreter_incompatibility():
+        return f"kernel backend 'triton': {interpreter_incompatibility()}"
     if backend == "triton" and device.type not in ("cpu", "cuda"):
         return f"kernel backend 'triton' cannot run {device.type} tensors"
     if backend == "ext" and device.type != "cpu" and not (device.type == "cuda" and _load_ext().with_cuda):

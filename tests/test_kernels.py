@@ -359,6 +359,29 @@ def test_auto_picks_ext_on_the_cpu_and_named_backends_fail_clearly(monkeypatch):
     assert ops.resolve_backend("pool_sample", None, cpu, torch.float32) == "reference"
 
 
+def test_triton_interpreter_with_an_incompatible_numpy_is_a_clear_error(monkeypatch):
+    # triton <= 3.6's interpreter fails deep inside the kernels' loops under numpy >= 2.4 (seen
+    # with torch 2.11's triton 3.6.0 and numpy 2.4.6); the triton backend names the fix instead.
+    import numpy
+    import triton
+    monkeypatch.delenv("PIXELBERT_KERNELS", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cpu = torch.device("cpu")
+    for triton_version, numpy_version, broken in (("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False),
+                                                  ("3.7.0", "2.4.6", False), ("3.10.1", "3.0.0", False)):
+        monkeypatch.setattr(triton, "__version__", triton_version)
+        monkeypatch.setattr(numpy, "__version__", numpy_version)
+        ops.interpreter_incompatibility.cache_clear()
+        reason = ops.unavailable_reason("triton", "embed_layernorm", cpu, torch.float32)
+        assert (reason is not None) == broken, (triton_version, numpy_version, reason)
+        if broken:
+            with pytest.raises(RuntimeError, match=r"numpy<2\.4' or triton >= 3\.7"):
+                ops.pool_sample(torch.randn(1, 2, 2, 2), torch.tensor([0]), backend="triton")
+            assert ops.resolve_backend("pool_sample", None, cpu, torch.float32) == "ext"
+    monkeypatch.undo()
+    ops.interpreter_incompatibility.cache_clear()
+
+
 def test_reference_out_buffer_matches_plain_result():
     feat, index, type_embedding = pool_case((2, 6, 5, 5), torch.float32, "cpu")
     rows = reference.pool_sample(feat, index, type_embedding)
