@@ -6,10 +6,38 @@ compiled only when a CUDA toolkit and a CUDA build of torch are both present.
 """
 import glob
 import os
+import re
+import shutil
+import subprocess
 
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-import torch
+
+
+def cuda_home_from_nvcc():
+    """CUDA's root as nvcc itself reports it (`TOP` in its dry run), or None.
+
+    Without CUDA_HOME, torch takes the folder above the `nvcc` on PATH; when that `nvcc` is a
+    wrapper script (as /usr/local/bin/nvcc is on this project's build machines) the folder is
+    /usr/local, and linking fails with "cannot find -lcudart"."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or os.path.exists(os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include", "cuda.h")):
+        return None
+    try:
+        dry_run = subprocess.run([nvcc, "--dryrun", "-c", "pixelbert.cu"], capture_output=True, text=True,
+                                 timeout=60).stderr
+    except (OSError, subprocess.SubprocessError):
+        return None
+    top = re.search(r"^#\$ TOP=(.+)$", dry_run, re.MULTILINE)
+    return os.path.realpath(top.group(1).strip()) if top else None
+
+
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+    NVCC_CUDA_HOME = cuda_home_from_nvcc()
+    if NVCC_CUDA_HOME:
+        os.environ["CUDA_HOME"] = NVCC_CUDA_HOME  # read by torch.utils.cpp_extension at import
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+import torch  # noqa: E402
 
 
 def extension():
