@@ -40,6 +40,15 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 import torch  # noqa: E402
 
 
+def prebuilt_extension() -> list:
+    """PIXELBERT_PREBUILT_EXT=1: install without compiling, keeping the pixelbert/_C*.so already in
+    the tree (benchmarks/prebuild_gpu_ext.sh builds one for the GPU machine; an editable install
+    imports it from there)."""
+    if not glob.glob("pixelbert/_C*.so"):
+        raise SystemExit("PIXELBERT_PREBUILT_EXT=1, but there is no pixelbert/_C*.so to keep")
+    return []
+
+
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
@@ -66,7 +75,7 @@ setup(
     packages=["pixelbert", "pixelbert.model", "pixelbert.data", "pixelbert.engine", "pixelbert.tools",
               "pixelbert.kernels"],
     package_dir={"pixelbert": "pixelbert", "pixelbert.kernels": "kernels"},
-    ext_modules=[extension()],
+    ext_modules=prebuilt_extension() if os.environ.get("PIXELBERT_PREBUILT_EXT") == "1" else [extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=[
         # Bounded so that no install step pulls a multi-GB CUDA torch over the one in place.

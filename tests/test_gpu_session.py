@@ -58,3 +58,25 @@ def test_unknown_stage_is_a_clear_error(stages, capsys):
     with pytest.raises(SystemExit):
         gpu_session.main(["bogus"])
     assert "unknown stage or group 'bogus'" in capsys.readouterr().err
+
+
+def test_build_plan_skips_reuses_a_matching_prebuilt_extension_or_compiles(monkeypatch, tmp_path):
+    build = gpu_session.STAGES["build"]
+    installed = {"value": False}
+    monkeypatch.setattr(gpu_session, "passes", lambda check: installed["value"] or check == gpu_session.CUDA_EXT_CHECK)
+    monkeypatch.setattr(gpu_session, "PREBUILT_INFO", tmp_path / "_C.prebuilt.json")
+    assert gpu_session.build_plan(build) == ("ok", build.gpu)  # no prebuilt extension: compile
+
+    import torch
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    (tmp_path / "_C.prebuilt.json").write_text(f'{{"python": "{python}", "torch": "0.0.1", "arch": "9.0"}}')
+    assert gpu_session.build_plan(build) == ("ok", build.gpu)  # built for another torch: compile
+
+    (tmp_path / "_C.prebuilt.json").write_text(f'{{"python": "{python}", "torch": "{torch.__version__}", "arch": "9.0"}}')
+    status, commands = gpu_session.build_plan(build)
+    assert status == "ok (prebuilt extension)"
+    assert commands[0][:2] == ["env", "PIXELBERT_PREBUILT_EXT=1"] and commands[0][2:] == gpu_session.PIP_INSTALL
+    assert commands[1] == [PY, "-c", gpu_session.INSTALLED_CHECK]
+
+    installed["value"] = True  # a warm machine's second call
+    assert gpu_session.build_plan(build) == ("ok (already built)", [])
