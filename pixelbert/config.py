@@ -264,17 +264,28 @@ class TaskConfig:
     # Retrieval: random negative texts scored per image, and the hardest of them that carry the loss.
     negatives: int = 20
     hard_negatives: int = 5
+    # Retrieval: > 0 adds an image-text contrastive loss (ALBEF's ITC, not in the paper) at this
+    # weight to the ITM loss, training projections (to contrastive_dim) of text-only and
+    # image-only passes whose similarity can shortlist pairs at evaluation.
+    contrastive_weight: float = 0.0
+    contrastive_dim: int = 256
     # Retrieval evaluation: 0 ranks every pair with the cross-encoder; k > 0 scores only each
-    # query's top k by a cheap pooled-embedding similarity (reported as the mode used).
+    # image's k nearest texts and each text's k nearest images by the contrastive similarity
+    # (needs contrastive_weight > 0; the report names the mode used).
     shortlist: int = 0
 
     def validate(self) -> None:
-        _positive(self, "min_answer_count", "negatives", "hard_negatives")
+        _positive(self, "min_answer_count", "negatives", "hard_negatives", "contrastive_dim")
+        if not self.contrastive_weight >= 0:
+            raise ConfigError(f"task.contrastive_weight must be >= 0, got {self.contrastive_weight}")
         if self.hard_negatives > self.negatives:
             raise ConfigError(f"task.hard_negatives ({self.hard_negatives}) must be <= task.negatives "
                               f"({self.negatives})")
         if self.shortlist < 0:
             raise ConfigError(f"task.shortlist must be >= 0, got {self.shortlist}")
+        if self.shortlist and not self.contrastive_weight:
+            raise ConfigError("task.shortlist needs the contrastive similarity: a retrieval model trained "
+                              "with task.contrastive_weight > 0 (or task.shortlist=0, every pair scored)")
 
 
 @dataclass

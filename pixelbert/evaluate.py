@@ -5,9 +5,11 @@
 VQA writes the official results file (`[{"question_id", "answer"}]`) and, when the split has
 annotations, the official accuracy; NLVR2 reports accuracy and consistency; retrieval ranks
 every text for every image and every image for every text (the backbone runs once per image,
-its pixel features are cached and pairs are scored in batches), optionally only a shortlist
-per image (`task.shortlist=k`); a pre-training run reports its MLM and ITM loss and accuracy on
-the split's captions. Launched on several ranks (`deepspeed --num_gpus N --module
+its pixel features are cached and pairs are scored in batches), or only the pairs of two-way
+shortlists by the contrastive similarity (`task.shortlist=k`, for a model trained with
+`task.contrastive_weight` > 0); a pre-training run reports its MLM and ITM loss and accuracy on
+the split's captions. A checkpoint must hold every tensor of the config's model: a head left at
+random would be evaluated as if trained. Launched on several ranks (`deepspeed --num_gpus N --module
 pixelbert.evaluate ...`) the ranks split the work and report what one rank would. Results go
 to stdout and `RUN/eval_<task>_<split>.json`. The work itself is `pixelbert.engine.evaluator`,
 which training's `train.eval_every` runs too.
@@ -68,7 +70,11 @@ def run(argv=None) -> int:
         answers = AnswerVocabulary.load(run_dir / ANSWERS_FILE) if task == "vqa" else None
         cfg.model.backbone_weights = None  # the checkpoint holds the CNN
         model = build_model(cfg, len(answers.answers) if answers else None)
-        load_weights(model, args.checkpoint)
+        loaded = load_weights(model, args.checkpoint)
+        if loaded.initialised:  # a head left at random would be evaluated as if trained
+            raise ValueError(f"{args.checkpoint} lacks {len(loaded.initialised)} of this model's tensors "
+                             f"(e.g. {', '.join(loaded.initialised[:3])}): it is not a checkpoint of a "
+                             f"{task} run with this config")
         records = read_eval_records(cfg, args.split, dist)
         decoder, decoder_name = eval_decoder(cfg, dist.device)
     except (FileNotFoundError, ValueError) as e:  # a missing path, a source of the wrong kind

@@ -61,6 +61,9 @@ def test_source_list_override(config_file):
     ("train.eval_every=-1", "train.eval_every must be >= 0"),
     ("train.eval_records=-5", "train.eval_records must be >= 0"),
     ("train.eval_batch_size=0", "train.eval_batch_size must be >= 1"),
+    ("task.shortlist=50", "task.shortlist needs the contrastive similarity"),
+    ("task.contrastive_weight=-1", "task.contrastive_weight must be >= 0"),
+    ("task.contrastive_dim=0", "task.contrastive_dim must be >= 1"),
 ])
 def test_bad_values_name_the_key(config_file, override, message):
     with pytest.raises(ConfigError, match=None) as err:

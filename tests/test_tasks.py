@@ -77,6 +77,14 @@ def test_task_batches(records, tok):
     ret = TaskDataset("retrieval", records["retrieval"], tok, DATA, negatives=5)
     item = ret[(7, 99)]
     assert len(item["texts"]) == 6
+    by_text = {}
+    for r in records["retrieval"]:
+        by_text.setdefault(tuple(tok.encode(r.text, DATA.max_text_len)), set()).add(r.image)
+    assert all(image in by_text[tuple(t.tolist())] for t, image in zip(item["texts"], item["text_images"]))
+    batch = collate_task([ret[(7, 99)], ret[(12, 5)]], tok.pad_id, 32)
+    assert batch["text_image"].tolist() == [batch["image_keys"].index(image) if image in batch["image_keys"] else -1
+                                            for it in (ret[(7, 99)], ret[(12, 5)]) for image in it["text_images"]]
+    assert batch["text_image"][0] == 0 and batch["text_image"][6] == 1
     own = {r.text for r in records["retrieval"] if r.image == records["retrieval"][7].image}
     decoded = [tuple(t.tolist()) for t in item["texts"]]
     assert decoded[0] == tuple(tok.encode(records["retrieval"][7].text, DATA.max_text_len))
@@ -128,6 +136,9 @@ def test_an_undecodable_image_drops_every_item_using_it(records, tok, task):
     if task == "nlvr2":
         assert torch.equal(inputs["nlvr2_labels"], batch["nlvr2_labels"][kept_items])
         assert inputs["identifiers"] == [batch["identifiers"][i] for i in kept_items]
+    if task == "retrieval":  # the batch image of each text, renumbered; -1 outside the batch or dropped
+        renumber = lambda i: -1 if i in (-1, bad) else i - (i > bad)  # noqa: E731
+        assert inputs["text_image"].tolist() == [renumber(int(batch["text_image"][p])) for p in kept_pairs]
     assert stats["images"] == len(batch["encoded"]) - 1 and skips.counts == {"truncated": 1}
 
 
@@ -200,7 +211,132 @@ def test_retrieval_trains_on_the_hardest_negatives(records, tok, monkeypatch):
     assert out["rank1_correct"] == 0 and out["rank1_count"] == 2
 
 
-def test_evaluate_cli_end_to_end(synth, records, tmp_path):
+def contrastive_batch(records, tok, items=3, negatives=4):
+    """A retrieval batch whose item 0 has its own positive text again among item 1's negatives."""
+    data = TaskDataset("retrieval", records["retrieval"], tok, DATA, negatives=negatives)
+    batch = collate_task([data[(5 * i, 10 + i)] for i in range(items)], tok.pad_id, 32)  # 5 captions per image
+    batch["input_ids"][(1 + negatives) + 2] = batch["input_ids"][0]
+    batch["attention_mask"][(1 + negatives) + 2] = batch["attention_mask"][0]
+    return batch
+
+
+def test_contrastive_loss_and_vectors_match_a_direct_computation(records, tok):
+    """The ITC loss against a loop over images and texts, duplicates of a positive text counted
+    as positives; the vectors are each [CLS] of a text-only / image-only pass, independent of
+    what else is in the batch; the loss is added at its weight and trains the head."""
+    torch.manual_seed(0)
+    negatives = 4
+    model = PixelBertForRetrieval(tiny_config(vocab_size=100), negatives=negatives, hard_negatives=2,
+                                  contrastive_weight=0.5, contrastive_dim=24)
+    batch = contrastive_batch(records, tok, negatives=negatives)
+    model.eval()  # BatchNorm on its running statistics: an image's features do not depend on the batch
+    feat = model.pixel_embeddings.features(batch["images"])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    text = model.text_vectors(ids, mask)
+    image = model.image_vectors(batch["images"], batch["image_sizes"], feat, ids[:1, :1])
+    assert text.shape == (len(ids), 24) and image.shape == (3, 24)
+    torch.testing.assert_close(text.norm(dim=1), torch.ones(len(ids)))
+    alone = model.text_vectors(ids[5:6, :int(mask[5].sum())], mask[5:6, :int(mask[5].sum())])
+    torch.testing.assert_close(alone[0], text[5], atol=1e-5, rtol=1e-5)
+    h, w = batch["image_sizes"][1].tolist()
+    one = batch["images"][1:2, :, :-(-h // 32) * 32, :-(-w // 32) * 32]
+    alone = model.image_vectors(one, batch["image_sizes"][1:2], model.pixel_embeddings.features(one), ids[:1, :1])
+    torch.testing.assert_close(alone[0], image[1], atol=1e-5, rtol=1e-5)
+
+    positives = list(range(0, len(ids), 1 + negatives))
+    scale = model.contrastive.scale()
+    logits = scale * image @ text.T
+    terms = []
+    batch["text_image"][3] = 2  # as if item 0's third negative were written for image 2
+    for j in range(3):  # image j: its positive text, and the copy of item 0's in item 1's negatives
+        matching = [t for t in range(len(ids)) if torch.equal(ids[t], ids[positives[j]]) or batch["text_image"][t] == j]
+        assert len(matching) == {0: 2, 1: 1, 2: 2}[j]
+        terms.append(-torch.log_softmax(logits[j], 0)[matching].mean())
+    image_to_text = torch.stack(terms).mean()
+    text_to_image = torch.stack([-torch.log_softmax(logits[:, positives[j]], 0)[j] for j in range(3)]).mean()
+    expected = (image_to_text + text_to_image) / 2
+    torch.testing.assert_close(model.contrastive_loss(batch, feat), expected)
+
+    model.train()
+    out = model(batch)
+    torch.testing.assert_close(out["loss"], out["itm_loss"] + 0.5 * out["itc_loss"])
+    out["loss"].backward()
+    for name in ("contrastive.text_proj.weight", "contrastive.image_proj.weight", "contrastive.log_scale",
+                 "encoder.layer.0.attention.self.query.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_contrastive_training_pulls_matching_pairs_together(records, tok):
+    """A few steps on one batch: the ITC loss falls well below its start and each image's own
+    text becomes its nearest."""
+    torch.manual_seed(1)
+    model = PixelBertForRetrieval(tiny_config(vocab_size=100), negatives=2, hard_negatives=1,
+                                  contrastive_weight=1.0, contrastive_dim=16)
+    batch = contrastive_batch(records, tok, items=4, negatives=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(60):
+        out = model(batch)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(out["itc_loss"].item())
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
+    with torch.no_grad():
+        model.eval()
+        ids = batch["input_ids"]
+        image = model.image_vectors(batch["images"], batch["image_sizes"],
+                                    model.pixel_embeddings.features(batch["images"]), ids[:1, :1])
+        text = model.text_vectors(ids[::3], batch["attention_mask"][::3])
+    assert torch.equal((image @ text.T).argmax(1), torch.arange(4))
+
+
+def test_shortlists_take_both_directions_and_equal_passes(monkeypatch):
+    """Each image's rows: its k nearest texts and the texts that have it among their k nearest
+    images; an unreadable image has none and is no text's neighbour; under equal_passes every
+    list (and a filler pass's) is padded to the longest with its own rows."""
+    from pixelbert.engine import evaluator
+    text = torch.eye(4)[[0, 0, 1, 2, 3]]  # texts 0 and 1 lie on axis 0, text 2 on 1, 3 on 2, 4 on 3
+    image = torch.eye(4)[[0, 1, 3]] + torch.tensor([[0, 0.5, 0, 0], [0, 0, 0, 0], [0, 0, 0.4, 0]])
+
+    class Vectors:
+        def text_vectors(self, input_ids, attention_mask):
+            return text[input_ids[:, 1]]
+
+        def image_vectors(self, pixels, sizes, feat, cls_id):
+            return image[pixels.flatten()[:1].long()]
+
+        pixel_embeddings = SimpleNamespace(features=lambda pixels: pixels)
+
+    class Reader:
+        paths = ["a", "b", "c"]
+        unreadable = torch.tensor([0, 0, 0])
+
+        def __init__(self, readable):
+            self.readable = readable
+
+        def __iter__(self):
+            for i in self.readable:
+                yield i, torch.tensor([[float(i)]]), torch.tensor([[64, 64]])
+
+    input_ids = torch.stack([torch.tensor([1, n]) for n in range(5)])
+    cfg = SimpleNamespace(train=SimpleNamespace(eval_batch_size=2))
+    dist = SimpleNamespace(world_size=1, device=torch.device("cpu"))
+    setup = SimpleNamespace(cfg=cfg, dist=dist, equal_passes=False)
+    rows = evaluator.shortlists(Vectors(), setup, Reader([0, 1, 2]), input_ids, torch.ones_like(input_ids), 1)
+    # Image 0 (axis 0, a little of 1): nearest text 0 (ties with 1: the first), and texts 0, 1
+    # have it nearest; image 1: text 2; image 2 (axis 3, a little of 2): text 4, and text 3.
+    assert [rows(i).tolist() for i in range(3)] == [[0, 1], [2], [3, 4]]
+    reader = Reader([0, 2])
+    reader.unreadable = torch.tensor([0, 5, 0])  # image 1 unreadable: text 2 goes to image 0's list
+    setup.equal_passes = True
+    rows = evaluator.shortlists(Vectors(), setup, reader, input_ids, torch.ones_like(input_ids), 1)
+    assert [rows(i).tolist() for i in range(3)] == [[0, 1, 2], [0, 1, 2], [3, 4, 3]]
+    assert len(rows(None)) == 3
+
+
+def test_evaluate_cli_end_to_end(synth, records, tmp_path, capsys):
     from pixelbert import evaluate
     run = tmp_path / "run"
     build_tokenizer(DATA, [r.text for r in records["nlvr2"]], run / "tokenizer", 100)  # the run's vocabulary
@@ -215,6 +351,10 @@ def test_evaluate_cli_end_to_end(synth, records, tmp_path):
     report = json.loads((run / "eval_nlvr2_val.json").read_text())
     assert 0 <= report["accuracy"] <= 100 and report["split"] == "val"
     assert evaluate.main(["--config", str(run / "config.json"), "--checkpoint", str(tmp_path / "nothing")]) == 2
+    # A checkpoint without the task's head (a pre-training one) would leave it random: refused.
+    torch.save(PixelBert(cfg.model).state_dict(), run / "pretrain.pt")
+    assert evaluate.main(["--config", str(run / "config.json"), "--checkpoint", str(run / "pretrain.pt")]) == 2
+    assert "lacks" in capsys.readouterr().err
 
 
 def eval_run(tmp_path: Path, synth: Path, task: str, *overrides: str) -> tuple[Path, list]:
@@ -355,7 +495,7 @@ def test_empty_questions_are_counted_in_training_and_answered_in_evaluation(tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task,shortlist", [("vqa", 0), ("nlvr2", 0), ("retrieval", 0), ("retrieval", 6)])
+@pytest.mark.parametrize("task,shortlist", [("vqa", 0), ("nlvr2", 0), ("retrieval", 0), ("retrieval", 2)])
 def test_evaluation_on_two_ranks_equals_one(tmp_path, task, shortlist):
     """Sharded evaluation (VQA and NLVR2 batches, retrieval images, split over the ranks; the
     predictions, scores and skips merged) gives exactly the one-rank report, with an unreadable
@@ -365,7 +505,8 @@ def test_evaluation_on_two_ranks_equals_one(tmp_path, task, shortlist):
     synthetic.generate(synth, 40, 3)
     # Batches of 3: VQA's 16 questions make 6 batches, NLVR2's 8 statements 3.
     run, val = eval_run(tmp_path, synth, task, f"task.shortlist={shortlist}", "data.max_bad_fraction=0.5",
-                        "train.eval_batch_size=3")
+                        "train.eval_batch_size=3", f"task.contrastive_weight={float(shortlist > 0)}",
+                        f"data.synthetic_images={100 if shortlist else 40}")  # shortlists: 5 val images, not 2
     if task == "retrieval":  # image i is on rank i mod 2
         broken = Path(sorted({r.image for r in val})[1])
     else:  # record 4 is in batch 1, on rank 1
@@ -387,8 +528,11 @@ def test_evaluation_on_two_ranks_equals_one(tmp_path, task, shortlist):
     assert one["skipped"] == two["skipped"] == {"truncated": 1 if task == "retrieval" else on_broken}
     if task == "vqa":
         assert one["fallback_answers"] == on_broken and sorted(results[0], key=str) == sorted(results[1], key=str)
-    if shortlist:  # each image shortlists 6 texts, so at most 6 per image can be covered
-        assert 0 < one["shortlist_coverage"] <= 100.0 * shortlist * one["images"] / one["texts"]
+    if shortlist:  # fewer pairs scored than all, every image's and every text's nearest 2 at least
+        assert one["mode"] == "shortlist top 2" and 0 < one["shortlist_coverage"] <= 100
+        assert max(2 * one["images"], 2 * one["texts"]) <= one["pairs_scored"] < one["images"] * one["texts"]
+    elif task == "retrieval":
+        assert one["pairs_scored"] == one["images"] * one["texts"]
     same = lambda report: {k: v for k, v in report.items() if k not in ("checkpoint", "eval_s")}  # noqa: E731
     assert same(one) == same(two) and one["eval_s"] > 0
 

@@ -114,22 +114,23 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, synthetic_di
     assert straight_eval[2]["mlm_loss"] != straight_eval[6]["mlm_loss"]
 
 
-@pytest.mark.parametrize("task, records, decoder, evaluated", [
-    ("vqa", 10, "pil", 10), ("nlvr2", 10, "pil", 10), ("retrieval", 15, "pil", 3),
-    ("vqa", 10, "dali", 10), ("pretrain", 25, "dali", 5)])
+@pytest.mark.parametrize("task, records, decoder, evaluated, extra", [
+    ("vqa", 10, "pil", 10, []), ("nlvr2", 10, "pil", 10, []), ("retrieval", 15, "pil", 3, []),
+    ("retrieval", 15, "pil", 3, ["task.contrastive_weight=1", "task.shortlist=2"]),
+    ("vqa", 10, "dali", 10, []), ("pretrain", 25, "dali", 5, [])])
 def test_zero3_validation_of_each_task_makes_equal_passes_and_matches_zero2(tmp_path, synthetic_dir, task, records,
-                                                                           decoder, evaluated):
+                                                                           decoder, evaluated, extra):
     """Under ZeRO-3 every forward pass gathers parameters on all ranks, so a rank with less of
     the split makes filler passes: here five batches of two records (three images for
     retrieval: three passes; five images for pre-training: three batches of up to two), split
-    unevenly; with DALI the filler is decoded too. ZeRO-2 and ZeRO-3 train alike, so their
-    validations agree."""
+    unevenly; with DALI the filler is decoded too; retrieval's shortlists (of unequal lengths)
+    are padded alike on every rank. ZeRO-2 and ZeRO-3 train alike, so their validations agree."""
     if decoder == "dali":
         pytest.importorskip("nvidia.dali")
     common = SMALL + NO_DROPOUT + ["train.max_steps=2", "data.num_workers=0", "deepspeed.train_micro_batch_size_per_gpu=4",
                                    f"train.task={task}", "task.min_answer_count=1", "train.eval_every=2",
                                    f"train.eval_records={records}", "train.eval_batch_size=2",
-                                   f"data.decoder={decoder}"]
+                                   f"data.decoder={decoder}", *extra]
     reports = {}
     for stage in (2, 3):
         run_train(tmp_path / f"zero{stage}", synthetic_dir, common + [f"deepspeed.zero_optimization.stage={stage}"],

@@ -109,7 +109,9 @@ class TaskDataset(Dataset):
         elif self.task == "nlvr2":
             item.update(texts=[encode(record.text)] * 2, label=int(bool(record.label)), identifier=record.identifier)
         else:
-            item.update(texts=[encode(record.text)] + [encode(t) for t in self._negative_texts(record, rng)])
+            negatives = self._negatives(record, rng)
+            item.update(texts=[encode(r.text) for r in [record, *negatives]],
+                        text_images=[r.image for r in [record, *negatives]])
         return item
 
     def _read_images(self, record: Record) -> list[tuple[str, torch.Tensor | np.ndarray]]:
@@ -119,13 +121,14 @@ class TaskDataset(Dataset):
         load = load_encoded if self.encoded_images else load_image
         return [(p, load(p, self.cfg.image_shorter, self.cfg.image_longer)) for p in paths]
 
-    def _negative_texts(self, record: Record, rng: np.random.Generator) -> list[str]:
-        texts = []
-        while len(texts) < self.negatives:  # rejection: another image's text, cheap to find
+    def _negatives(self, record: Record, rng: np.random.Generator) -> list[Record]:
+        """`negatives` records of other images than `record`'s."""
+        found = []
+        while len(found) < self.negatives:  # rejection: another image's text, cheap to find
             other = self.records[int(rng.integers(len(self.records)))]
             if other.image != record.image:
-                texts.append(other.text)
-        return texts
+                found.append(other)
+        return found
 
 
 def collate_task(items: list[dict[str, Any]], pad_id: int, pad_multiple: int) -> dict[str, Any]:
@@ -134,7 +137,8 @@ def collate_task(items: list[dict[str, Any]], pad_id: int, pad_multiple: int) ->
     (`pair_image`, `pair_item`, `input_ids`, `attention_mask`, `token_type_ids`) item by item,
     and the task's targets: `vqa_targets` [B, answers] and `question_ids`; `nlvr2_labels` [B] (pairs
     2b and 2b+1 are item b's two images); for retrieval item b's pairs are b*(1+neg) ... (the
-    first one the positive). Bookkeeping: `skips`, `attempts`."""
+    first one the positive), and `text_image` [N] names the batch image each of those texts
+    was written for (-1: an image outside the batch). Bookkeeping: `skips`, `attempts`."""
     keys: dict[str, int] = {}
     pixels: list[torch.Tensor] = []
     pair_image, pair_item, texts = [], [], []
@@ -174,4 +178,6 @@ def collate_task(items: list[dict[str, Any]], pad_id: int, pad_multiple: int) ->
     if "label" in items[0]:
         batch["nlvr2_labels"] = torch.tensor([it["label"] for it in items])
         batch["identifiers"] = [it["identifier"] for it in items]
+    if "text_images" in items[0]:  # retrieval: the batch image each text describes, -1 if not in the batch
+        batch["text_image"] = torch.tensor([keys.get(path, -1) for it in items for path in it["text_images"]])
     return batch

@@ -114,16 +114,21 @@ def evaluate(model, setup: EvalSetup, records: list[Record], split: str, skips: 
     shortlist = setup.cfg.task.shortlist
     report = evaluation.retrieval_recall(scores, img_of_text)
     report["mode"] = f"shortlist top {shortlist}" if shortlist else "full ranking"
-    # A text outside its own image's shortlist cannot be found: the share inside bounds text->image recall.
+    # A pair outside the shortlists cannot be found: the share of true pairs inside bounds both recalls.
     if shortlist:
+        images, texts = scores.shape
         matched = scores[torch.as_tensor(img_of_text), torch.arange(len(img_of_text))]
         report["shortlist_coverage"] = 100.0 * torch.isfinite(matched).double().mean().item()
-        report["shortlist_chance_coverage"] = 100.0 * min(shortlist, scores.shape[1]) / scores.shape[1]
-        if report["shortlist_coverage"] < 2 * report["shortlist_chance_coverage"] and setup.dist.is_main:
-            print(f"warning: the shortlist holds {report['shortlist_coverage']:.1f}% of the true texts, "
-                  f"a random one {report['shortlist_chance_coverage']:.1f}%: its similarity is untrained "
-                  "and these recalls understate the model; evaluate with task.shortlist=0", file=sys.stderr)
+        # Two random lists: a true pair is missed by both with probability (1 - k/T)(1 - k/I).
+        report["shortlist_chance_coverage"] = 100.0 * (1 - max(0, 1 - shortlist / texts) * max(0, 1 - shortlist / images))
+        chance = report["shortlist_chance_coverage"]
+        if chance < 50 and report["shortlist_coverage"] < 2 * chance and setup.dist.is_main:
+            print(f"warning: the shortlists hold {report['shortlist_coverage']:.1f}% of the true pairs, "
+                  f"random ones {chance:.1f}%: the contrastive similarity is "
+                  "barely trained and these recalls understate the model; evaluate with task.shortlist=0",
+                  file=sys.stderr)
     report["images"], report["texts"] = scores.shape
+    report["pairs_scored"] = int(torch.isfinite(scores).sum())
     report["chance_r1"] = 100.0 / scores.shape[0]
     return report
 
@@ -402,8 +407,8 @@ class ImageReader:
 
 def retrieval_scores(model, setup: EvalSetup, records: list[Record],
                      skips: SkipCounter) -> tuple[torch.Tensor, list[int]]:
-    """scores [images, texts] (-inf outside each image's shortlist) and the image of each text,
-    over the images that can be read and their texts (the others are counted in `skips`)."""
+    """scores [images, texts] (-inf for the pairs a shortlist left out) and the image of each
+    text, over the images that can be read and their texts (the others are counted in `skips`)."""
     cfg, dist, tokenizer = setup.cfg, setup.dist, setup.tokenizer
     records, empty = with_text(records)  # an empty caption cannot be ranked: counted, left out
     skips.add(empty, len(empty))
@@ -419,13 +424,13 @@ def retrieval_scores(model, setup: EvalSetup, records: list[Record],
     attention_mask[:, 0] = 1
     scores = torch.full((len(images), len(texts)), float("-inf"), dtype=torch.float64)
     read = ImageReader(images, setup)
-    k = cfg.task.shortlist
-    vectors = text_vectors(model, input_ids.to(dist.device), attention_mask.to(dist.device)) \
-        if 0 < k < len(texts) else None
+    everything = torch.arange(len(texts))
+    rows_of = (lambda i: everything) if cfg.task.shortlist == 0 else \
+        shortlists(model, setup, read, input_ids, attention_mask, cfg.task.shortlist)
+    pairs_per_pass = 8 * cfg.train.eval_batch_size
     for i, pixels, sizes in read:  # i None: a filler pass (equal_passes), its scores dropped
         feat = model.pixel_embeddings.features(pixels)  # once per image, reused for all its pairs
-        rows = torch.arange(len(texts)) if vectors is None else shortlist(model, feat, sizes, vectors, k)
-        pairs_per_pass = 8 * cfg.train.eval_batch_size
+        rows = rows_of(i)
         for start in range(0, len(rows), pairs_per_pass):
             chunk = rows[start:start + pairs_per_pass]
             batch = setup.to_device({"images": pixels, "image_sizes": sizes, "input_ids": input_ids[chunk],
@@ -440,12 +445,52 @@ def retrieval_scores(model, setup: EvalSetup, records: list[Record],
         total = all_reduce_sum(torch.where(finite, scores, torch.zeros_like(scores)).to(dist.device)).cpu()
         seen = all_reduce_sum(finite.double().to(dist.device)).cpu() > 0
         scores = torch.where(seen, total, torch.full_like(total, float("-inf")))
-        unreadable = read.unreadable.to(dist.device)
-        torch.distributed.all_reduce(unreadable, op=torch.distributed.ReduceOp.MAX)
-        read.unreadable = unreadable.cpu()
+        merge_unreadable(read, dist)
     read.count(skips)
     check_readable(skips, cfg)
     return readable_only(scores, img_of_text, read.unreadable == 0)
+
+
+def merge_unreadable(read: "ImageReader", dist: DistInfo) -> None:
+    """Every rank learns which of all the images the others could not read."""
+    unreadable = read.unreadable.to(dist.device)
+    torch.distributed.all_reduce(unreadable, op=torch.distributed.ReduceOp.MAX)
+    read.unreadable = unreadable.cpu()
+
+
+def shortlists(model, setup: EvalSetup, read: "ImageReader", input_ids: torch.Tensor,
+               attention_mask: torch.Tensor, k: int) -> Callable[[Optional[int]], torch.Tensor]:
+    """Which texts to score with each image: its k nearest texts and the texts that have it
+    among their k nearest images (ALBEF's two-way shortlist), nearest by the contrastive
+    similarity. A first pass over this rank's images computes their vectors (merged over the
+    ranks); every rank embeds every text. Returns image index -> text rows; under equal_passes
+    every image, and a filler pass (None), gets as many rows as the longest list (repeats of its
+    own rows, whose scores are the same), so that all ranks make the same passes."""
+    dist = setup.dist
+    text = torch.cat([model.text_vectors(*(t.to(dist.device) for t in chunk)).cpu()
+                      for chunk in zip(input_ids.split(8 * setup.cfg.train.eval_batch_size),
+                                       attention_mask.split(8 * setup.cfg.train.eval_batch_size))])
+    image = torch.zeros(len(read.paths), text.shape[1])
+    cls_id = input_ids[:1, :1].to(dist.device)
+    for i, pixels, sizes in read:
+        vector = model.image_vectors(pixels, sizes, model.pixel_embeddings.features(pixels), cls_id)
+        if i is not None:
+            image[i] = vector[0].cpu()
+    if dist.world_size > 1:
+        image = all_reduce_sum(image.to(dist.device)).cpu()
+        merge_unreadable(read, dist)
+    readable = read.unreadable == 0
+    similarity = (image @ text.T).masked_fill(~readable[:, None], float("-inf"))
+    chosen = torch.zeros_like(similarity, dtype=torch.bool)
+    chosen.scatter_(1, similarity.topk(min(k, len(text)), dim=1).indices, True)
+    chosen.scatter_(0, similarity.topk(min(k, int(readable.sum())), dim=0).indices, True)
+    chosen &= readable[:, None]
+    rows = [chosen[i].nonzero().flatten() for i in range(len(chosen))]
+    if not setup.equal_passes:
+        return lambda i: rows[i]
+    longest = max(1, max(len(r) for r in rows))
+    padded = [r[torch.arange(longest) % len(r)] if len(r) else torch.arange(longest) % len(text) for r in rows]
+    return lambda i: padded[i] if i is not None else torch.arange(longest) % len(text)
 
 
 def readable_only(scores: torch.Tensor, img_of_text: list[int], readable: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
@@ -453,17 +498,3 @@ def readable_only(scores: torch.Tensor, img_of_text: list[int], readable: torch.
     new_index = (torch.cumsum(readable, 0) - 1).tolist()
     texts = [n for n, image in enumerate(img_of_text) if readable[image]]
     return scores[readable][:, texts], [new_index[img_of_text[n]] for n in texts]
-
-
-def text_vectors(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The shortlist's text side: each text's mean word embedding, unit length [T, D]."""
-    words = model.embeddings.word_embeddings(input_ids) * attention_mask[..., None]
-    return torch.nn.functional.normalize(words.float().sum(1) / attention_mask.sum(1, keepdim=True), dim=1)
-
-
-def shortlist(model, feat: torch.Tensor, sizes: torch.Tensor, vectors: torch.Tensor, k: int) -> torch.Tensor:
-    """The k texts most similar to one image by a cheap score: the cosine of their text vector
-    and the image's mean pixel token (all its valid cells), from the features already computed."""
-    cells, _ = model.pixel_embeddings.select_cells(feat, sizes, sample=False)
-    image_vector = torch.nn.functional.normalize(model.pixel_embeddings.pool_rows(feat, cells).float().mean(0), dim=0)
-    return (vectors @ image_vector).topk(k).indices.cpu()

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pixelbert.config import ModelConfig
+from pixelbert.model.heads import ContrastiveHead
 from pixelbert.model.pixelbert import PixelBert
 
 PAIR_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pair_image", "sample_seeds")
@@ -77,12 +78,23 @@ class PixelBertForRetrieval(PixelBert):
     """Image-text matching score from the ITM head (pre-trained, kept). Training: each item is
     one image with its positive text and `negatives` other texts; all are scored without
     gradient, and the loss (ITM cross-entropy) takes the positive and the `hard_negatives`
-    highest-scoring negatives, as the paper does."""
+    highest-scoring negatives, as the paper does.
 
-    def __init__(self, cfg: ModelConfig, negatives: int, hard_negatives: int):
+    With `contrastive_weight` > 0 (not in the paper; ALBEF's ITC) the model also learns a cheap
+    similarity for shortlisting at evaluation: a ContrastiveHead on text-only and image-only
+    passes of the same encoder, trained with an in-batch contrastive loss added at that weight."""
+
+    def __init__(self, cfg: ModelConfig, negatives: int, hard_negatives: int,
+                 contrastive_weight: float = 0.0, contrastive_dim: int = 256):
         super().__init__(cfg)
         del self.cls
         self.negatives, self.hard_negatives = negatives, hard_negatives
+        self.contrastive_weight = contrastive_weight
+        self.contrastive = ContrastiveHead(cfg.hidden_size, contrastive_dim) if contrastive_weight > 0 else None
+        if self.contrastive is not None:
+            for proj in (self.contrastive.text_proj, self.contrastive.image_proj):
+                self._init_transformer_weights(proj)
+                self._init_heads(proj)
 
     def pair_logits(self, batch: dict, feat: torch.Tensor | None = None) -> torch.Tensor:
         """ITM logits [N, 2] of every pair of the batch."""
@@ -94,11 +106,54 @@ class PixelBertForRetrieval(PixelBert):
         logits = self.pair_logits(batch, feat)
         return logits[:, 1] - logits[:, 0]
 
+    # ---- the contrastive similarity (contrastive_weight > 0) -------------------------------
+    def text_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unit vectors [T, dim] of texts alone: the [CLS] state of a text-only encoder pass."""
+        return self._head().text(self.encode_text(input_ids, attention_mask)[:, 0])
+
+    def image_vectors(self, images: torch.Tensor, image_sizes: torch.Tensor, feat: torch.Tensor,
+                      cls_id: torch.Tensor) -> torch.Tensor:
+        """Unit vectors [I, dim] of images alone: the [CLS] state of the stream `[CLS] pixels`
+        (every valid pixel, no text). `cls_id`: a [1, 1] tensor holding the [CLS] token id."""
+        count = len(image_sizes)
+        ids = cls_id.reshape(1, 1).expand(count, 1)
+        image_only = {"images": images, "image_sizes": image_sizes, "input_ids": ids,
+                      "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+                      "pair_image": torch.arange(count, device=ids.device)}
+        return self._head().image(self.encode(image_only, sample_pixels=False, feat=feat).cls_rows())
+
+    def _head(self) -> ContrastiveHead:
+        if self.contrastive is None:
+            raise ValueError("this retrieval model has no contrastive head: train it with task.contrastive_weight > 0")
+        return self.contrastive
+
+    def contrastive_loss(self, batch: dict, feat: torch.Tensor) -> torch.Tensor:
+        """In-batch image-text contrastive loss, the mean of both directions: each image of an
+        item against every text of the batch (positives and scored negatives), each positive
+        text against every image. An image's positives are the texts written for it
+        (`text_image`, a negative of another item included) and any text identical to one of
+        them (captions repeat); the targets spread evenly over them."""
+        input_ids, per_item = batch["input_ids"], 1 + self.negatives
+        device = input_ids.device
+        positives = torch.arange(0, len(input_ids), per_item, device=device)
+        text = self.text_vectors(input_ids, batch["attention_mask"])
+        image = self.image_vectors(batch["images"], batch["image_sizes"], feat, input_ids[:1, :1])
+        same_text = (input_ids[:, None, :] == input_ids[None, positives, :]).all(-1).float()  # [texts, items]
+        owner = F.one_hot(batch["pair_image"][positives].to(device), len(image)).float()  # [items, images]
+        matches = (same_text @ owner).T > 0  # [images, texts]
+        if "text_image" in batch:
+            matches |= batch["text_image"].to(device)[None, :] == torch.arange(len(image), device=device)[:, None]
+        logits = self.contrastive.scale() * image @ text.T
+        with_item = owner.sum(0) > 0  # an image left only by dropped items has no positive text
+        image_to_text = soft_cross_entropy(logits[with_item], matches[with_item])
+        text_to_image = soft_cross_entropy(logits[:, positives].T, matches[:, positives].T)
+        return (image_to_text + text_to_image) / 2
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         images = batch["images"]
         if self.cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        feat = self.pixel_embeddings.features(images)  # once, shared by both passes
+        feat = self.pixel_embeddings.features(images)  # once, shared by every pass
         per_item = 1 + self.negatives
         items = len(batch["input_ids"]) // per_item
         with torch.no_grad():
@@ -108,11 +163,24 @@ class PixelBertForRetrieval(PixelBert):
         rows = (chosen + torch.arange(items, device=chosen.device)[:, None] * per_item).flatten()
         logits = self.pair_logits(select_pairs(batch, rows.to(batch["input_ids"].device)), feat)
         labels = (chosen == 0).long().flatten().to(logits.device)
-        loss = F.cross_entropy(logits, labels)
-        return {"loss": loss, "itm_loss": loss.detach(),
-                # The positive outscored every negative of its image (rank 1 among 1 + negatives).
-                "rank1_correct": (scores[:, 0] > scores[:, 1:].max(dim=1).values).sum(),
-                "rank1_count": torch.tensor(items, device=logits.device)}
+        itm_loss = F.cross_entropy(logits, labels)
+        out = {"itm_loss": itm_loss.detach(),
+               # The positive outscored every negative of its image (rank 1 among 1 + negatives).
+               "rank1_correct": (scores[:, 0] > scores[:, 1:].max(dim=1).values).sum(),
+               "rank1_count": torch.tensor(items, device=logits.device)}
+        loss = itm_loss
+        if self.contrastive is not None:
+            itc_loss = self.contrastive_loss(batch, feat)
+            loss = loss + self.contrastive_weight * itc_loss
+            out["itc_loss"] = itc_loss.detach()
+        return {"loss": loss, **out}
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each row of `logits` against the uniform distribution over the row's
+    True `targets` (each row has at least one), averaged over rows."""
+    targets = targets.float()
+    return -(F.log_softmax(logits, dim=-1) * targets / targets.sum(-1, keepdim=True)).sum(-1).mean()
 
 
 def build_model(cfg, num_answers: int | None = None) -> PixelBert:
@@ -124,4 +192,5 @@ def build_model(cfg, num_answers: int | None = None) -> PixelBert:
         return PixelBertForVQA(cfg.model, num_answers)
     if task == "nlvr2":
         return PixelBertForNLVR2(cfg.model)
-    return PixelBertForRetrieval(cfg.model, cfg.task.negatives, cfg.task.hard_negatives)
+    return PixelBertForRetrieval(cfg.model, cfg.task.negatives, cfg.task.hard_negatives,
+                                 cfg.task.contrastive_weight, cfg.task.contrastive_dim)
