@@ -266,7 +266,8 @@ class TaskConfig:
     hard_negatives: int = 5
     # Retrieval: > 0 adds an image-text contrastive loss (ALBEF's ITC, not in the paper) at this
     # weight to the ITM loss, training projections (to contrastive_dim) of text-only and
-    # image-only passes whose similarity can shortlist pairs at evaluation.
+    # image-only passes whose similarity can shortlist pairs at evaluation (over the global
+    # batch: ranks gather each other's vectors).
     contrastive_weight: float = 0.0
     contrastive_dim: int = 256
     # Retrieval evaluation: 0 ranks every pair with the cross-encoder; k > 0 scores only each

@@ -197,7 +197,7 @@ def collate(items: list[dict[str, Any]], pad_id: int, pad_multiple: int,
 
 
 # Batch entries with one row per pair, and (task batches) one row per item.
-PAIR_ROWS = ("input_ids", "attention_mask", "token_type_ids", "mlm_labels", "itm_labels", "sample_seeds")
+PAIR_ROWS = ("input_ids", "attention_mask", "token_type_ids", "mlm_labels", "itm_labels", "sample_seeds", "text_image")
 ITEM_ROWS = ("vqa_targets", "question_ids", "nlvr2_labels", "identifiers")
 
 
@@ -223,13 +223,9 @@ def drop_images(batch: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
     for key in PAIR_ROWS:
         if key in batch:
             out[key] = batch[key][pairs]
-    new_index = torch.cumsum(keep, 0) - 1
-    out["pair_image"] = new_index[batch["pair_image"][pairs]]
-    if "text_image" in batch:  # retrieval: -1 for a text whose image is outside the batch, or now dropped
-        text_image = batch["text_image"][pairs]
-        kept = torch.zeros_like(text_image, dtype=torch.bool)
-        kept[text_image >= 0] = keep[text_image[text_image >= 0]]
-        out["text_image"] = torch.where(kept, new_index[text_image.clamp(min=0)], -1)
+    out["pair_image"] = (torch.cumsum(keep, 0) - 1)[batch["pair_image"][pairs]]
+    if "image_ids" in batch:
+        out["image_ids"] = batch["image_ids"][keep]
     return out
 
 

@@ -83,6 +83,7 @@ class TaskDataset(Dataset):
         self.replace_bad = replace_bad
         if task == "retrieval":
             self.images = sorted({r.image for r in records})
+            self.image_ids = {path: i for i, path in enumerate(self.images)}  # the same on every rank
             if len(self.images) < 2:
                 raise ValueError("retrieval needs texts of at least two images")
 
@@ -111,7 +112,7 @@ class TaskDataset(Dataset):
         else:
             negatives = self._negatives(record, rng)
             item.update(texts=[encode(r.text) for r in [record, *negatives]],
-                        text_images=[r.image for r in [record, *negatives]])
+                        text_images=[self.image_ids[r.image] for r in [record, *negatives]])
         return item
 
     def _read_images(self, record: Record) -> list[tuple[str, torch.Tensor | np.ndarray]]:
@@ -137,10 +138,12 @@ def collate_task(items: list[dict[str, Any]], pad_id: int, pad_multiple: int) ->
     (`pair_image`, `pair_item`, `input_ids`, `attention_mask`, `token_type_ids`) item by item,
     and the task's targets: `vqa_targets` [B, answers] and `question_ids`; `nlvr2_labels` [B] (pairs
     2b and 2b+1 are item b's two images); for retrieval item b's pairs are b*(1+neg) ... (the
-    first one the positive), and `text_image` [N] names the batch image each of those texts
-    was written for (-1: an image outside the batch). Bookkeeping: `skips`, `attempts`."""
+    first one the positive), `text_image` [N] holds the dataset-wide id of the image each of
+    those texts was written for and `image_ids` [K] that of each batch image. Bookkeeping:
+    `skips`, `attempts`."""
     keys: dict[str, int] = {}
     pixels: list[torch.Tensor] = []
+    image_ids: dict[int, int] = {}  # retrieval: batch image -> dataset-wide image id
     pair_image, pair_item, texts = [], [], []
     for index, item in enumerate(items):
         item_images = []
@@ -149,6 +152,8 @@ def collate_task(items: list[dict[str, Any]], pad_id: int, pad_multiple: int) ->
                 keys[key] = len(pixels)
                 pixels.append(image)
             item_images.append(keys[key])
+        if "text_images" in item:
+            image_ids[item_images[0]] = item["text_images"][0]  # the positive's image is the item's
         if len(item_images) == 1:
             item_images = item_images * len(item["texts"])  # VQA, retrieval: one image, all texts
         pair_image.extend(item_images)
@@ -178,6 +183,7 @@ def collate_task(items: list[dict[str, Any]], pad_id: int, pad_multiple: int) ->
     if "label" in items[0]:
         batch["nlvr2_labels"] = torch.tensor([it["label"] for it in items])
         batch["identifiers"] = [it["identifier"] for it in items]
-    if "text_images" in items[0]:  # retrieval: the batch image each text describes, -1 if not in the batch
-        batch["text_image"] = torch.tensor([keys.get(path, -1) for it in items for path in it["text_images"]])
+    if "text_images" in items[0]:  # retrieval: dataset-wide ids of each text's image and of each batch image
+        batch["text_image"] = torch.tensor([image for it in items for image in it["text_images"]])
+        batch["image_ids"] = torch.tensor([image_ids[i] for i in range(len(pixels))])
     return batch

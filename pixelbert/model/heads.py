@@ -1,8 +1,5 @@
-"""Output heads on the encoder: pooler, MLM (tied to the word embeddings), ITM and the optional
-image-text contrastive projections."""
+"""Output heads on the encoder: pooler, MLM (tied to the word embeddings) and ITM."""
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -58,27 +55,3 @@ class MLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
         return self.predictions(hidden, decoder_weight)
-
-
-class ContrastiveHead(nn.Module):
-    """Image-text contrastive (ITC) projections, as ALBEF's: the [CLS] state of a text-only
-    pass and of an image-only pass, each projected to `dim` and scaled to unit length. Their
-    dot product is the cheap similarity a retrieval shortlist ranks by; `scale` (a learned
-    inverse temperature, from 1/0.07 as in CLIP, at most 100) sharpens it for the loss."""
-
-    MAX_SCALE = 100.0
-
-    def __init__(self, hidden_size: int, dim: int):
-        super().__init__()
-        self.text_proj = nn.Linear(hidden_size, dim)
-        self.image_proj = nn.Linear(hidden_size, dim)
-        self.log_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))  # 1-d: ZeRO-3 partitions it like a bias
-
-    def text(self, cls_hidden: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(cls_hidden).float(), dim=-1)
-
-    def image(self, cls_hidden: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_proj(cls_hidden).float(), dim=-1)
-
-    def scale(self) -> torch.Tensor:
-        return self.log_scale.float().clamp(max=math.log(self.MAX_SCALE)).exp()[0]

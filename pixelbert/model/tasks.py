@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pixelbert.config import ModelConfig
-from pixelbert.model.heads import ContrastiveHead
+from pixelbert.model.contrastive import ContrastiveHead, contrastive_loss
 from pixelbert.model.pixelbert import PixelBert
 
 PAIR_KEYS = ("input_ids", "attention_mask", "token_type_ids", "pair_image", "sample_seeds")
@@ -128,26 +128,14 @@ class PixelBertForRetrieval(PixelBert):
         return self.contrastive
 
     def contrastive_loss(self, batch: dict, feat: torch.Tensor) -> torch.Tensor:
-        """In-batch image-text contrastive loss, the mean of both directions: each image of an
-        item against every text of the batch (positives and scored negatives), each positive
-        text against every image. An image's positives are the texts written for it
-        (`text_image`, a negative of another item included) and any text identical to one of
-        them (captions repeat); the targets spread evenly over them."""
-        input_ids, per_item = batch["input_ids"], 1 + self.negatives
-        device = input_ids.device
-        positives = torch.arange(0, len(input_ids), per_item, device=device)
+        """The image-text contrastive loss of the batch (of the global batch on several ranks):
+        its images and all of its texts, each item's first text the positive."""
+        input_ids = batch["input_ids"]
+        positives = torch.arange(0, len(input_ids), 1 + self.negatives, device=input_ids.device)
         text = self.text_vectors(input_ids, batch["attention_mask"])
         image = self.image_vectors(batch["images"], batch["image_sizes"], feat, input_ids[:1, :1])
-        same_text = (input_ids[:, None, :] == input_ids[None, positives, :]).all(-1).float()  # [texts, items]
-        owner = F.one_hot(batch["pair_image"][positives].to(device), len(image)).float()  # [items, images]
-        matches = (same_text @ owner).T > 0  # [images, texts]
-        if "text_image" in batch:
-            matches |= batch["text_image"].to(device)[None, :] == torch.arange(len(image), device=device)[:, None]
-        logits = self.contrastive.scale() * image @ text.T
-        with_item = owner.sum(0) > 0  # an image left only by dropped items has no positive text
-        image_to_text = soft_cross_entropy(logits[with_item], matches[with_item])
-        text_to_image = soft_cross_entropy(logits[:, positives].T, matches[:, positives].T)
-        return (image_to_text + text_to_image) / 2
+        return contrastive_loss(text, image, self.contrastive.scale(), input_ids, batch["attention_mask"], positives,
+                                batch["text_image"].to(input_ids.device), batch["image_ids"].to(input_ids.device))
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         images = batch["images"]
@@ -174,13 +162,6 @@ class PixelBertForRetrieval(PixelBert):
             loss = loss + self.contrastive_weight * itc_loss
             out["itc_loss"] = itc_loss.detach()
         return {"loss": loss, **out}
-
-
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each row of `logits` against the uniform distribution over the row's
-    True `targets` (each row has at least one), averaged over rows."""
-    targets = targets.float()
-    return -(F.log_softmax(logits, dim=-1) * targets / targets.sum(-1, keepdim=True)).sum(-1).mean()
 
 
 def build_model(cfg, num_answers: int | None = None) -> PixelBert:
