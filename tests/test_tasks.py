@@ -256,7 +256,7 @@ def test_contrastive_loss_and_vectors_match_a_direct_computation(records, tok):
     image_to_text = torch.stack(terms).mean()
     text_to_image = torch.stack([-torch.log_softmax(logits[:, positives[j]], 0)[j] for j in range(3)]).mean()
     expected = (image_to_text + text_to_image) / 2
-    torch.testing.assert_close(model.contrastive_loss(batch, feat), expected)
+    torch.testing.assert_close(model.batch_contrastive_loss(batch, feat), expected)
 
     model.train()
     out = model(batch)

@@ -127,7 +127,7 @@ class PixelBertForRetrieval(PixelBert):
             raise ValueError("this retrieval model has no contrastive head: train it with task.contrastive_weight > 0")
         return self.contrastive
 
-    def contrastive_loss(self, batch: dict, feat: torch.Tensor) -> torch.Tensor:
+    def batch_contrastive_loss(self, batch: dict, feat: torch.Tensor) -> torch.Tensor:
         """The image-text contrastive loss of the batch (of the global batch on several ranks):
         its images and all of its texts, each item's first text the positive."""
         input_ids = batch["input_ids"]
@@ -158,7 +158,7 @@ class PixelBertForRetrieval(PixelBert):
                "rank1_count": torch.tensor(items, device=logits.device)}
         loss = itm_loss
         if self.contrastive is not None:
-            itc_loss = self.contrastive_loss(batch, feat)
+            itc_loss = self.batch_contrastive_loss(batch, feat)
             loss = loss + self.contrastive_weight * itc_loss
             out["itc_loss"] = itc_loss.detach()
         return {"loss": loss, **out}
