@@ -274,6 +274,10 @@ class TaskConfig:
     # image's k nearest texts and each text's k nearest images by the contrastive similarity
     # (needs contrastive_weight > 0; the report names the mode used).
     shortlist: int = 0
+    # Retrieval evaluation: > 1 also reports recalls averaged over this many folds of the images
+    # (equal runs of the split's order), each ranked only among its own images and texts, with its
+    # own shortlists: the paper's COCO "1K test" is 5 folds of the Karpathy 5K test split.
+    retrieval_folds: int = 0
 
     def validate(self) -> None:
         _positive(self, "min_answer_count", "negatives", "hard_negatives", "contrastive_dim")
@@ -284,6 +288,8 @@ class TaskConfig:
                               f"({self.negatives})")
         if self.shortlist < 0:
             raise ConfigError(f"task.shortlist must be >= 0, got {self.shortlist}")
+        if self.retrieval_folds < 0 or self.retrieval_folds == 1:
+            raise ConfigError(f"task.retrieval_folds must be 0 (off) or at least 2, got {self.retrieval_folds}")
         if self.shortlist and not self.contrastive_weight:
             raise ConfigError("task.shortlist needs the contrastive similarity: a retrieval model trained "
                               "with task.contrastive_weight > 0 (or task.shortlist=0, every pair scored)")

@@ -7,7 +7,8 @@ annotations, the official accuracy; NLVR2 reports accuracy and consistency; retr
 every text for every image and every image for every text (the backbone runs once per image,
 its pixel features are cached and pairs are scored in batches), or only the pairs of two-way
 shortlists by the contrastive similarity (`task.shortlist=k`, for a model trained with
-`task.contrastive_weight` > 0); a pre-training run reports its MLM and ITM loss and accuracy on
+`task.contrastive_weight` > 0), and with `task.retrieval_folds=5` also COCO's "1K test" (the
+recalls averaged over five folds of the 5K split, each ranked alone); a pre-training run reports its MLM and ITM loss and accuracy on
 the split's captions. A checkpoint must hold every tensor of the config's model: a head left at
 random would be evaluated as if trained. Launched on several ranks (`deepspeed --num_gpus N --module
 pixelbert.evaluate ...`) the ranks split the work and report what one rank would. Results go

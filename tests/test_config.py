@@ -62,6 +62,7 @@ def test_source_list_override(config_file):
     ("train.eval_records=-5", "train.eval_records must be >= 0"),
     ("train.eval_batch_size=0", "train.eval_batch_size must be >= 1"),
     ("task.shortlist=50", "task.shortlist needs the contrastive similarity"),
+    ("task.retrieval_folds=1", "task.retrieval_folds must be 0 (off) or at least 2"),
     ("task.contrastive_weight=-1", "task.contrastive_weight must be >= 0"),
     ("task.contrastive_dim=0", "task.contrastive_dim must be >= 1"),
 ])

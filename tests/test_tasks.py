@@ -351,17 +351,88 @@ def test_shortlists_take_both_directions_and_equal_passes(monkeypatch):
     input_ids = torch.stack([torch.tensor([1, n]) for n in range(5)])
     cfg = SimpleNamespace(train=SimpleNamespace(eval_batch_size=2))
     dist = SimpleNamespace(world_size=1, device=torch.device("cpu"))
-    setup = SimpleNamespace(cfg=cfg, dist=dist, equal_passes=False)
-    rows = evaluator.shortlists(Vectors(), setup, Reader([0, 1, 2]), input_ids, torch.ones_like(input_ids), 1)
+    setup = SimpleNamespace(cfg=cfg, dist=dist)
+
+    def shortlists(reader, equal_passes):
+        similarity = evaluator.contrastive_similarity(Vectors(), setup, reader, input_ids, torch.ones_like(input_ids))
+        return evaluator.scoring_rows(evaluator.two_way_shortlist(similarity, 1), equal_passes)
+
+    rows = shortlists(Reader([0, 1, 2]), equal_passes=False)
     # Image 0 (axis 0, a little of 1): nearest text 0 (ties with 1: the first), and texts 0, 1
     # have it nearest; image 1: text 2; image 2 (axis 3, a little of 2): text 4, and text 3.
     assert [rows(i).tolist() for i in range(3)] == [[0, 1], [2], [3, 4]]
     reader = Reader([0, 2])
     reader.unreadable = torch.tensor([0, 5, 0])  # image 1 unreadable: text 2 goes to image 0's list
-    setup.equal_passes = True
-    rows = evaluator.shortlists(Vectors(), setup, reader, input_ids, torch.ones_like(input_ids), 1)
+    rows = shortlists(reader, equal_passes=True)
     assert [rows(i).tolist() for i in range(3)] == [[0, 1, 2], [0, 1, 2], [3, 4, 3]]
     assert len(rows(None)) == 3
+
+
+class PairScorer:
+    """A retrieval model whose scores and contrastive vectors depend on the pair alone (the
+    image's pixels, the text's tokens) and never on which pairs share a pass: integer text keys,
+    elementwise maths."""
+    pixel_embeddings = SimpleNamespace(features=lambda pixels: pixels)
+
+    @staticmethod
+    def text_key(input_ids, attention_mask):
+        return (input_ids * attention_mask * torch.arange(1, input_ids.shape[1] + 1) ** 2).sum(1).double()
+
+    def scores(self, batch, feat):
+        return torch.sin(0.0137 * self.text_key(batch["input_ids"], batch["attention_mask"]) + 40 * feat.double().mean())
+
+    def text_vectors(self, input_ids, attention_mask):
+        key = self.text_key(input_ids, attention_mask)
+        return torch.nn.functional.normalize(torch.stack([torch.sin(key * a) for a in (0.011, 0.023, 0.031)], 1), dim=1).float()
+
+    def image_vectors(self, pixels, sizes, feat, cls_id):
+        key = feat.double().mean()
+        return torch.nn.functional.normalize(torch.stack([torch.sin(key * a) for a in (31.0, 57.0, 83.0)])[None], dim=1).float()
+
+
+@pytest.mark.parametrize("shortlist", [0, 3])
+def test_retrieval_folds_report_what_each_fold_alone_gives(synth, records, tok, tmp_path, shortlist):
+    """task.retrieval_folds (COCO's 1K test: 5 folds of the 5K split): the folds are runs of the
+    split's order, each fold's report is exactly that of evaluating its images alone (with its
+    own shortlists), an unreadable image leaves its fold only, and the mean averages the folds."""
+    import dataclasses
+    from pixelbert.engine import evaluator
+    from pixelbert.engine.distributed import DistInfo
+    by_image: dict[str, list] = {}
+    for r in records["retrieval"]:
+        by_image.setdefault(r.image, []).append(r)
+    chosen = list(by_image)[:11]
+    order = [chosen[i] for i in torch.randperm(11, generator=torch.Generator().manual_seed(3)).tolist()]
+    assert order != sorted(order)  # folds must follow the split's order, not the paths'
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 4)
+    by_image[order[5]] = [dataclasses.replace(r, image=str(broken)) for r in by_image[order[5]]]
+    split = [r for image in order for r in by_image[image]]
+    fold_images = [order[:4], order[4:8], order[8:]]  # 11 images in 3 folds: 4, 4, 3
+
+    def evaluate(recs, folds):
+        cfg = load_config("configs/tiny.json", [
+            f"train.output_dir={tmp_path}", f"data.synthetic_dir={synth}", "train.task=retrieval",
+            "data.image_shorter=64", "data.image_longer=128", "data.num_workers=0", "train.eval_batch_size=2",
+            "data.max_bad_fraction=0.5", f"task.shortlist={shortlist}",
+            f"task.contrastive_weight={float(shortlist > 0)}", f"task.retrieval_folds={folds}"])
+        setup = evaluator.EvalSetup(cfg, tok, DistInfo(0, 1, 0, torch.device("cpu")))
+        with torch.no_grad():
+            return evaluator.evaluate(PairScorer(), setup, recs, "val", SkipCounter())
+
+    whole = evaluate(split, 3)
+    alone = [evaluate([r for image in images for r in by_image[image]], 0) for images in fold_images]
+    assert whole["folds"]["count"] == 3 and whole["folds"]["each"] == alone
+    assert [fold["images"] for fold in alone] == [4, 3, 3] and whole["images"] == 10
+    for key, mean in whole["folds"]["mean"].items():
+        assert mean == pytest.approx(sum(fold[key] for fold in alone) / 3)
+    assert {"i2t_r1", "t2i_r10", "mean"} <= set(whole["folds"]["mean"])
+    assert 0 < whole["folds"]["mean"]["mean"] < 100 and whole["mean"] < whole["folds"]["mean"]["mean"]
+    if shortlist:  # the folds' own lists are scored too: more pairs than the split's lists alone
+        assert whole["pairs_scored"] < evaluate(split, 0)["pairs_scored"] + sum(f["pairs_scored"] for f in alone)
+        assert whole["folds"]["mean"]["shortlist_coverage"] > 0
+    else:
+        assert whole["pairs_scored"] == whole["images"] * whole["texts"]
 
 
 def test_evaluate_cli_end_to_end(synth, records, tmp_path, capsys):
@@ -475,7 +546,7 @@ def test_evaluation_decoded_by_dali_matches_pil(tmp_path, task):
         skips[name] = SkipCounter()
         with torch.no_grad():
             if task == "retrieval":
-                outputs[name] = retrieval_scores(model, setup, val, skips[name])[0]
+                outputs[name] = retrieval_scores(model, setup, val, skips[name]).scores
             else:
                 dataset = TaskDataset(task, val, setup.tokenizer, cfg.data, answers=answers, replace_bad=False,
                                       encoded_images=decoder is not None)
@@ -535,9 +606,10 @@ def test_evaluation_on_two_ranks_equals_one(tmp_path, task, shortlist):
     # Batches of 3: VQA's 16 questions make 6 batches, NLVR2's 8 statements 3.
     run, val = eval_run(tmp_path, synth, task, f"task.shortlist={shortlist}", "data.max_bad_fraction=0.5",
                         "train.eval_batch_size=3", f"task.contrastive_weight={float(shortlist > 0)}",
-                        f"data.synthetic_images={100 if shortlist else 40}")  # shortlists: 5 val images, not 2
+                        f"data.synthetic_images={100 if shortlist else 40}",  # shortlists: 5 val images, not 2
+                        f"task.retrieval_folds={2 if shortlist else 0}")
     if task == "retrieval":  # image i is on rank i mod 2
-        broken = Path(sorted({r.image for r in val})[1])
+        broken = Path(list(dict.fromkeys(r.image for r in val))[1])  # in the split's order
     else:  # record 4 is in batch 1, on rank 1
         broken = Path(val[4].images[1] if task == "nlvr2" else val[4].image)
     head = broken.read_bytes()[:200]
@@ -559,6 +631,7 @@ def test_evaluation_on_two_ranks_equals_one(tmp_path, task, shortlist):
         assert one["fallback_answers"] == on_broken and sorted(results[0], key=str) == sorted(results[1], key=str)
     if shortlist:  # fewer pairs scored than all, every image's and every text's nearest 2 at least
         assert one["mode"] == "shortlist top 2" and 0 < one["shortlist_coverage"] <= 100
+        assert [fold["images"] for fold in one["folds"]["each"]] == [2, 2]  # 3 and 2, one unreadable
         assert max(2 * one["images"], 2 * one["texts"]) <= one["pairs_scored"] < one["images"] * one["texts"]
     elif task == "retrieval":
         assert one["pairs_scored"] == one["images"] * one["texts"]

@@ -133,7 +133,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, synthetic_di
 
 @pytest.mark.parametrize("task, records, decoder, evaluated, extra", [
     ("vqa", 10, "pil", 10, []), ("nlvr2", 10, "pil", 10, []), ("retrieval", 15, "pil", 3, []),
-    ("retrieval", 15, "pil", 3, ["task.contrastive_weight=1", "task.shortlist=2"]),
+    ("retrieval", 15, "pil", 3, ["task.contrastive_weight=1", "task.shortlist=2",
+                                         "task.retrieval_folds=2"]),
     ("vqa", 10, "dali", 10, []), ("pretrain", 25, "dali", 5, [])])
 def test_zero3_validation_of_each_task_makes_equal_passes_and_matches_zero2(tmp_path, synthetic_dir, task, records,
                                                                            decoder, evaluated, extra):

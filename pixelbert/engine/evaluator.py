@@ -110,26 +110,11 @@ def evaluate(model, setup: EvalSetup, records: list[Record], split: str, skips: 
             return evaluate_vqa(model, setup, records, split, skips)
         if task == "nlvr2":
             return evaluate_nlvr2(model, setup, records, skips, nlvr2_train(setup.cfg, setup.dist))
-        scores, img_of_text = retrieval_scores(model, setup, records, skips)
-    shortlist = setup.cfg.task.shortlist
-    report = evaluation.retrieval_recall(scores, img_of_text)
-    report["mode"] = f"shortlist top {shortlist}" if shortlist else "full ranking"
-    # A pair outside the shortlists cannot be found: the share of true pairs inside bounds both recalls.
-    if shortlist:
-        images, texts = scores.shape
-        matched = scores[torch.as_tensor(img_of_text), torch.arange(len(img_of_text))]
-        report["shortlist_coverage"] = 100.0 * torch.isfinite(matched).double().mean().item()
-        # Two random lists: a true pair is missed by both with probability (1 - k/T)(1 - k/I).
-        report["shortlist_chance_coverage"] = 100.0 * (1 - max(0, 1 - shortlist / texts) * max(0, 1 - shortlist / images))
-        chance = report["shortlist_chance_coverage"]
-        if chance < 50 and report["shortlist_coverage"] < 2 * chance and setup.dist.is_main:
-            print(f"warning: the shortlists hold {report['shortlist_coverage']:.1f}% of the true pairs, "
-                  f"random ones {chance:.1f}%: the contrastive similarity is "
-                  "barely trained and these recalls understate the model; evaluate with task.shortlist=0",
-                  file=sys.stderr)
-    report["images"], report["texts"] = scores.shape
-    report["pairs_scored"] = int(torch.isfinite(scores).sum())
-    report["chance_r1"] = 100.0 / scores.shape[0]
+        ranked = retrieval_scores(model, setup, records, skips)
+    report = ranking_report(ranked.scores, ranked.img_of_text, setup.cfg.task.shortlist, ranked.whole,
+                            warn=setup.dist.is_main)
+    if setup.cfg.task.retrieval_folds:
+        report["folds"] = fold_reports(ranked, setup.cfg.task)
     return report
 
 
@@ -405,16 +390,27 @@ class ImageReader:
                    for path, code in zip(self.paths, self.unreadable.tolist()) if code], len(self.paths))
 
 
-def retrieval_scores(model, setup: EvalSetup, records: list[Record],
-                     skips: SkipCounter) -> tuple[torch.Tensor, list[int]]:
-    """scores [images, texts] (-inf for the pairs a shortlist left out) and the image of each
-    text, over the images that can be read and their texts (the others are counted in `skips`)."""
+@dataclass
+class RankedPairs:
+    """A retrieval evaluation's scores, over the images that could be read and their texts."""
+    scores: torch.Tensor  # [images, texts] float64; -inf for the pairs no shortlist took
+    img_of_text: list[int]  # the image (row) of each text
+    fold_of_image: torch.Tensor  # [images] each image's fold (task.retrieval_folds; all 0 without)
+    whole: Optional[torch.Tensor] = None  # [images, texts] bool: the split's shortlists (None: every pair)
+    in_fold: Optional[torch.Tensor] = None  # [images, texts] bool: each fold's own shortlists
+
+
+def retrieval_scores(model, setup: EvalSetup, records: list[Record], skips: SkipCounter) -> RankedPairs:
+    """Every pair's ITM score (or, with task.shortlist, the shortlisted pairs': the split's and,
+    with task.retrieval_folds, each fold's), over the images that can be read and their texts
+    (the others are counted in `skips`)."""
     cfg, dist, tokenizer = setup.cfg, setup.dist, setup.tokenizer
     records, empty = with_text(records)  # an empty caption cannot be ranked: counted, left out
     skips.add(empty, len(empty))
-    images = sorted({r.image for r in records})
+    images = list(dict.fromkeys(r.image for r in records))  # in the split's order: the folds follow it
     image_index = {path: i for i, path in enumerate(images)}
     img_of_text = [image_index[r.image] for r in records]
+    fold_of_image = image_folds(len(images), cfg.task.retrieval_folds)
     texts = [torch.as_tensor(tokenizer.encode(r.text, cfg.data.max_text_len)) for r in records]
     length = max(len(t) for t in texts)
     input_ids = torch.full((len(texts), length), tokenizer.pad_id, dtype=torch.int64)
@@ -425,8 +421,15 @@ def retrieval_scores(model, setup: EvalSetup, records: list[Record],
     scores = torch.full((len(images), len(texts)), float("-inf"), dtype=torch.float64)
     read = ImageReader(images, setup)
     everything = torch.arange(len(texts))
-    rows_of = (lambda i: everything) if cfg.task.shortlist == 0 else \
-        shortlists(model, setup, read, input_ids, attention_mask, cfg.task.shortlist)
+    rows_of, whole, in_fold = (lambda i: everything), None, None
+    if cfg.task.shortlist:
+        similarity = contrastive_similarity(model, setup, read, input_ids, attention_mask)
+        whole = two_way_shortlist(similarity, cfg.task.shortlist)
+        chosen = whole
+        if cfg.task.retrieval_folds:
+            in_fold = fold_shortlists(similarity, fold_of_image, torch.as_tensor(img_of_text), cfg.task.shortlist)
+            chosen = whole | in_fold
+        rows_of = scoring_rows(chosen, setup.equal_passes)
     pairs_per_pass = 8 * cfg.train.eval_batch_size
     for i, pixels, sizes in read:  # i None: a filler pass (equal_passes), its scores dropped
         feat = model.pixel_embeddings.features(pixels)  # once per image, reused for all its pairs
@@ -448,7 +451,15 @@ def retrieval_scores(model, setup: EvalSetup, records: list[Record],
         merge_unreadable(read, dist)
     read.count(skips)
     check_readable(skips, cfg)
-    return readable_only(scores, img_of_text, read.unreadable == 0)
+    return readable_only(RankedPairs(scores, img_of_text, fold_of_image, whole, in_fold), read.unreadable == 0)
+
+
+def image_folds(count: int, folds: int) -> torch.Tensor:
+    """Each of `count` images' fold: `folds` contiguous runs of the split's order whose sizes
+    differ by at most one (COCO's 1K test: the 5K test's images 0-999, 1000-1999, ...)."""
+    if folds > count:
+        raise ValueError(f"task.retrieval_folds={folds} needs at least {folds} images; the split has {count}")
+    return torch.arange(count) * max(folds, 1) // max(count, 1)
 
 
 def merge_unreadable(read: "ImageReader", dist: DistInfo) -> None:
@@ -458,18 +469,14 @@ def merge_unreadable(read: "ImageReader", dist: DistInfo) -> None:
     read.unreadable = unreadable.cpu()
 
 
-def shortlists(model, setup: EvalSetup, read: "ImageReader", input_ids: torch.Tensor,
-               attention_mask: torch.Tensor, k: int) -> Callable[[Optional[int]], torch.Tensor]:
-    """Which texts to score with each image: its k nearest texts and the texts that have it
-    among their k nearest images (ALBEF's two-way shortlist), nearest by the contrastive
-    similarity. A first pass over this rank's images computes their vectors (merged over the
-    ranks); every rank embeds every text. Returns image index -> text rows; under equal_passes
-    every image, and a filler pass (None), gets as many rows as the longest list (repeats of its
-    own rows, whose scores are the same), so that all ranks make the same passes."""
-    dist = setup.dist
+def contrastive_similarity(model, setup: EvalSetup, read: "ImageReader", input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor) -> torch.Tensor:
+    """[images, texts] similarity of the contrastive vectors; -inf on the rows of unreadable
+    images. A first pass over this rank's images computes their vectors (merged over the ranks,
+    with which images could not be read); every rank embeds every text."""
+    dist, per_pass = setup.dist, 8 * setup.cfg.train.eval_batch_size
     text = torch.cat([model.text_vectors(*(t.to(dist.device) for t in chunk)).cpu()
-                      for chunk in zip(input_ids.split(8 * setup.cfg.train.eval_batch_size),
-                                       attention_mask.split(8 * setup.cfg.train.eval_batch_size))])
+                      for chunk in zip(input_ids.split(per_pass), attention_mask.split(per_pass))])
     image = torch.zeros(len(read.paths), text.shape[1])
     cls_id = input_ids[:1, :1].to(dist.device)
     for i, pixels, sizes in read:
@@ -479,22 +486,94 @@ def shortlists(model, setup: EvalSetup, read: "ImageReader", input_ids: torch.Te
     if dist.world_size > 1:
         image = all_reduce_sum(image.to(dist.device)).cpu()
         merge_unreadable(read, dist)
-    readable = read.unreadable == 0
-    similarity = (image @ text.T).masked_fill(~readable[:, None], float("-inf"))
+    return (image @ text.T).masked_fill((read.unreadable != 0)[:, None], float("-inf"))
+
+
+def two_way_shortlist(similarity: torch.Tensor, k: int) -> torch.Tensor:
+    """[images, texts] bool: each image's k nearest texts and each text's k nearest images
+    (ALBEF's two-way shortlist), among the readable images (rows that are not -inf)."""
+    readable = torch.isfinite(similarity).any(dim=1)
     chosen = torch.zeros_like(similarity, dtype=torch.bool)
-    chosen.scatter_(1, similarity.topk(min(k, len(text)), dim=1).indices, True)
+    if not readable.any():
+        return chosen
+    chosen.scatter_(1, similarity.topk(min(k, similarity.shape[1]), dim=1).indices, True)
     chosen.scatter_(0, similarity.topk(min(k, int(readable.sum())), dim=0).indices, True)
-    chosen &= readable[:, None]
+    return chosen & readable[:, None]
+
+
+def fold_shortlists(similarity: torch.Tensor, fold_of_image: torch.Tensor, img_of_text: torch.Tensor,
+                    k: int) -> torch.Tensor:
+    """[images, texts] bool: each fold's two-way shortlists among its own images and texts, the
+    lists an evaluation of that fold alone would make."""
+    chosen = torch.zeros_like(similarity, dtype=torch.bool)
+    for fold in range(int(fold_of_image.max()) + 1):
+        rows = (fold_of_image == fold).nonzero().flatten()
+        columns = (fold_of_image[img_of_text] == fold).nonzero().flatten()
+        chosen[rows[:, None], columns] = two_way_shortlist(similarity[rows][:, columns], k)
+    return chosen
+
+
+def scoring_rows(chosen: torch.Tensor, equal_passes: bool) -> Callable[[Optional[int]], torch.Tensor]:
+    """Image index -> the text rows to score with it. Under equal_passes every image, and a
+    filler pass (None), gets as many rows as the longest list (repeats of its own rows, whose
+    scores are the same), so that all ranks make the same passes."""
     rows = [chosen[i].nonzero().flatten() for i in range(len(chosen))]
-    if not setup.equal_passes:
+    if not equal_passes:
         return lambda i: rows[i]
+    texts = chosen.shape[1]
     longest = max(1, max(len(r) for r in rows))
-    padded = [r[torch.arange(longest) % len(r)] if len(r) else torch.arange(longest) % len(text) for r in rows]
-    return lambda i: padded[i] if i is not None else torch.arange(longest) % len(text)
+    padded = [r[torch.arange(longest) % len(r)] if len(r) else torch.arange(longest) % texts for r in rows]
+    return lambda i: padded[i] if i is not None else torch.arange(longest) % texts
 
 
-def readable_only(scores: torch.Tensor, img_of_text: list[int], readable: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """The scores of the readable images and of the texts that describe them."""
+def readable_only(ranked: RankedPairs, readable: torch.Tensor) -> RankedPairs:
+    """The pairs of the readable images and of the texts that describe them."""
     new_index = (torch.cumsum(readable, 0) - 1).tolist()
-    texts = [n for n, image in enumerate(img_of_text) if readable[image]]
-    return scores[readable][:, texts], [new_index[img_of_text[n]] for n in texts]
+    texts = [n for n, image in enumerate(ranked.img_of_text) if readable[image]]
+    cut = lambda pairs: None if pairs is None else pairs[readable][:, texts]  # noqa: E731
+    return RankedPairs(cut(ranked.scores), [new_index[ranked.img_of_text[n]] for n in texts],
+                       ranked.fold_of_image[readable], cut(ranked.whole), cut(ranked.in_fold))
+
+
+def ranking_report(scores: torch.Tensor, img_of_text: list[int], shortlist: int,
+                   chosen: Optional[torch.Tensor], warn: bool = False) -> dict:
+    """Recalls of `scores` over the `chosen` pairs (None: all), and what the ranking covered."""
+    if chosen is not None:
+        scores = scores.masked_fill(~chosen, float("-inf"))
+    report = evaluation.retrieval_recall(scores, img_of_text)
+    report["mode"] = f"shortlist top {shortlist}" if shortlist else "full ranking"
+    # A pair outside the shortlists cannot be found: the share of true pairs inside bounds both recalls.
+    if shortlist:
+        images, texts = scores.shape
+        matched = scores[torch.as_tensor(img_of_text), torch.arange(len(img_of_text))]
+        report["shortlist_coverage"] = 100.0 * torch.isfinite(matched).double().mean().item()
+        # Two random lists: a true pair is missed by both with probability (1 - k/T)(1 - k/I).
+        report["shortlist_chance_coverage"] = 100.0 * (1 - max(0, 1 - shortlist / texts) * max(0, 1 - shortlist / images))
+        chance = report["shortlist_chance_coverage"]
+        if warn and chance < 50 and report["shortlist_coverage"] < 2 * chance:
+            print(f"warning: the shortlists hold {report['shortlist_coverage']:.1f}% of the true pairs, "
+                  f"random ones {chance:.1f}%: the contrastive similarity is "
+                  "barely trained and these recalls understate the model; evaluate with task.shortlist=0",
+                  file=sys.stderr)
+    report["images"], report["texts"] = scores.shape
+    report["pairs_scored"] = int(torch.isfinite(scores).sum())
+    report["chance_r1"] = 100.0 / scores.shape[0]
+    return report
+
+
+def fold_reports(ranked: RankedPairs, task) -> dict:
+    """task.retrieval_folds' protocol (COCO's 1K test): each fold ranked only among its own
+    images and texts (with its own shortlists), and the recalls averaged over the folds."""
+    each = []
+    for fold in range(task.retrieval_folds):
+        rows = (ranked.fold_of_image == fold).nonzero().flatten()
+        if not len(rows):
+            raise ValueError(f"retrieval fold {fold} has no readable image")
+        row_of = {int(image): n for n, image in enumerate(rows)}
+        columns = [t for t, image in enumerate(ranked.img_of_text) if image in row_of]
+        pick = lambda pairs: None if pairs is None else pairs[rows][:, columns]  # noqa: E731
+        each.append(ranking_report(pick(ranked.scores), [row_of[ranked.img_of_text[t]] for t in columns],
+                                   task.shortlist, pick(ranked.in_fold)))
+    averaged = [key for key, value in each[0].items() if isinstance(value, float) and key != "chance_r1"]
+    return {"count": task.retrieval_folds, "mean": {key: sum(r[key] for r in each) / len(each) for key in averaged},
+            "each": each}
