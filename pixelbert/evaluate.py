@@ -33,7 +33,8 @@ from pixelbert.data.tokenizer import run_tokenizer
 from pixelbert.engine.data import ANSWERS_FILE
 from pixelbert.engine.distributed import (DistInfo, configure_accelerator, exit_process, init_distributed,
                                           shutdown_distributed)
-from pixelbert.engine.evaluator import EvalSetup, eval_decoder, evaluate, read_eval_records
+from pixelbert.engine.eval_setup import EvalSetup, eval_decoder
+from pixelbert.engine.evaluator import evaluate, read_eval_records
 from pixelbert.engine.weights import load_weights
 from pixelbert.fileio import write_atomic
 from pixelbert.model.tasks import build_model

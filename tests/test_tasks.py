@@ -324,7 +324,7 @@ def test_shortlists_take_both_directions_and_equal_passes(monkeypatch):
     """Each image's rows: its k nearest texts and the texts that have it among their k nearest
     images; an unreadable image has none and is no text's neighbour; under equal_passes every
     list (and a filler pass's) is padded to the longest with its own rows."""
-    from pixelbert.engine import evaluator
+    from pixelbert.engine import retrieval_eval
     text = torch.eye(4)[[0, 0, 1, 2, 3]]  # texts 0 and 1 lie on axis 0, text 2 on 1, 3 on 2, 4 on 3
     image = torch.eye(4)[[0, 1, 3]] + torch.tensor([[0, 0.5, 0, 0], [0, 0, 0, 0], [0, 0, 0.4, 0]])
 
@@ -354,8 +354,8 @@ def test_shortlists_take_both_directions_and_equal_passes(monkeypatch):
     setup = SimpleNamespace(cfg=cfg, dist=dist)
 
     def shortlists(reader, equal_passes):
-        similarity = evaluator.contrastive_similarity(Vectors(), setup, reader, input_ids, torch.ones_like(input_ids))
-        return evaluator.scoring_rows(evaluator.two_way_shortlist(similarity, 1), equal_passes)
+        similarity = retrieval_eval.contrastive_similarity(Vectors(), setup, reader, input_ids, torch.ones_like(input_ids))
+        return retrieval_eval.scoring_rows(retrieval_eval.two_way_shortlist(similarity, 1), equal_passes)
 
     rows = shortlists(Reader([0, 1, 2]), equal_passes=False)
     # Image 0 (axis 0, a little of 1): nearest text 0 (ties with 1: the first), and texts 0, 1
@@ -398,6 +398,7 @@ def test_retrieval_folds_report_what_each_fold_alone_gives(synth, records, tok, 
     import dataclasses
     from pixelbert.engine import evaluator
     from pixelbert.engine.distributed import DistInfo
+    from pixelbert.engine.eval_setup import EvalSetup
     by_image: dict[str, list] = {}
     for r in records["retrieval"]:
         by_image.setdefault(r.image, []).append(r)
@@ -416,7 +417,7 @@ def test_retrieval_folds_report_what_each_fold_alone_gives(synth, records, tok, 
             "data.image_shorter=64", "data.image_longer=128", "data.num_workers=0", "train.eval_batch_size=2",
             "data.max_bad_fraction=0.5", f"task.shortlist={shortlist}",
             f"task.contrastive_weight={float(shortlist > 0)}", f"task.retrieval_folds={folds}"])
-        setup = evaluator.EvalSetup(cfg, tok, DistInfo(0, 1, 0, torch.device("cpu")))
+        setup = EvalSetup(cfg, tok, DistInfo(0, 1, 0, torch.device("cpu")))
         with torch.no_grad():
             return evaluator.evaluate(PairScorer(), setup, recs, "val", SkipCounter())
 
@@ -520,7 +521,9 @@ def test_evaluation_decoded_by_dali_matches_pil(tmp_path, task):
     what a level or two of pixel difference moves a model."""
     pytest.importorskip("nvidia.dali")
     from pixelbert.engine.distributed import DistInfo
-    from pixelbert.engine.evaluator import EvalSetup, eval_decoder, retrieval_scores, task_outputs
+    from pixelbert.engine.eval_setup import EvalSetup, eval_decoder
+    from pixelbert.engine.evaluator import task_outputs
+    from pixelbert.engine.retrieval_eval import retrieval_scores
     from pixelbert.model.tasks import build_model
     synth = tmp_path / "synthetic"
     # One item per batch: the broken image's batch decodes to nothing. Retrieval: 5 val images,

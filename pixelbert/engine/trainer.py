@@ -20,7 +20,8 @@ from pixelbert.data.skips import SkipCounter
 from pixelbert.engine.batches import BatchPreparer, Prefetcher
 from pixelbert.engine.data import build_training_data
 from pixelbert.engine.distributed import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed
-from pixelbert.engine.evaluator import EvalSetup, eval_decoder, evaluate, read_eval_records
+from pixelbert.engine.eval_setup import EvalSetup, eval_decoder
+from pixelbert.engine.evaluator import evaluate, read_eval_records
 from pixelbert.engine.metrics import JsonlLog, MetricsWindow
 from pixelbert.engine.optim import build_optimizer, build_scheduler
 from pixelbert.engine.weights import load_weights
