@@ -55,3 +55,18 @@ def test_sweep_is_quiet_without_segments(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(distributed, "SHM_DIR", tmp_path / "missing")
     assert distributed.remove_stale_shm_segments() == []
     assert capsys.readouterr().err == ""
+
+
+def test_exit_after_a_process_group_runs_atexit_handlers_and_keeps_the_code(tmp_path):
+    """exit_process skips interpreter finalisation after a process group (os._exit), but not
+    what a normal exit runs before it: the atexit handlers, and the buffered output."""
+    marker = tmp_path / "ran"
+    script = ("import atexit, sys\n"
+              "from pixelbert.engine import distributed\n"
+              "distributed._had_process_group = True\n"
+              f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ran'))\n"
+              "sys.stdout.write('buffered')\n"
+              "distributed.exit_process(3)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3 and done.stdout == "buffered", done.stderr
+    assert marker.read_text() == "ran"

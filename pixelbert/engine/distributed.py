@@ -5,6 +5,7 @@ which is how the tests prove that several ranks agree with one.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import sys
@@ -88,9 +89,12 @@ def exit_process(code: int) -> None:
     work, whose tensors need the GIL that finalisation is tearing down, and the process dies in
     std::terminate (SIGABRT, exit code 250). Seen in about one two-rank evaluation in ten even
     after destroy_process_group; a core dump showed ProcessGroupGloo::AsyncWork::~AsyncWork ->
-    decref -> take_gil -> pthread_exit during Py_FinalizeEx. Everything has been written by now."""
+    decref -> take_gil -> pthread_exit during Py_FinalizeEx. Everything has been written by now.
+    The atexit handlers (logging's flush, a user's hooks) still run first, as a normal exit runs
+    them before finalisation."""
     if not _had_process_group:
         sys.exit(code)
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
