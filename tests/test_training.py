@@ -233,6 +233,29 @@ def test_bf16_zero2_channels_last_trains(tmp_path, synthetic_dir):
     assert 1.0 < validation["mlm_loss"] < 20.0 and 0.0 <= validation["itm_acc"] <= 1.0
 
 
+def test_deepspeed_monitor_gets_the_logged_metrics(tmp_path, synthetic_dir):
+    """A `deepspeed` section that enables a monitor (TensorBoard, W&B, Comet, CSV) receives every
+    number of metrics.jsonl and eval.jsonl, as Train/<key> and Eval/<key> at the step; the CSV
+    backend shows it without extra packages."""
+    monitor = tmp_path / "monitor"
+    run = tmp_path / "run"
+    records = run_train(run, synthetic_dir, SMALL + [
+        "train.max_steps=3", "data.num_workers=0", "deepspeed.train_micro_batch_size_per_gpu=4",
+        "train.eval_every=3", "train.eval_records=8",
+        f'deepspeed.csv_monitor={{"enabled": true, "output_path": "{monitor}", "job_name": "job"}}'])
+
+    def column(name: str) -> list[tuple[int, float]]:
+        rows = (monitor / "job" / f"{name}.csv").read_text().splitlines()[1:]
+        return [(int(step), float(value)) for step, value in (row.split(",") for row in rows)]
+
+    for key in ("loss", "mlm_loss", "itm_acc", "lr", "samples_per_s"):
+        assert column(f"Train_{key}") == [(r["step"], pytest.approx(r[key])) for r in records], key
+    validation = eval_lines(run)[3]
+    for key in ("mlm_loss", "itm_acc"):
+        assert column(f"Eval_{key}") == [(3, pytest.approx(validation[key]))], key
+    assert len(column("Train_Samples_lr")) == 3  # DeepSpeed's own event, one per optimiser step
+
+
 def test_missing_data_names_the_path_and_the_synthetic_fallback(tmp_path, synthetic_dir):
     missing = tmp_path / "nowhere" / "captions_train2014.json"
     source = json.dumps([{"format": "coco_captions", "annotations": str(missing), "images": str(tmp_path)}])

@@ -22,7 +22,7 @@ from pixelbert.engine.data import build_training_data
 from pixelbert.engine.distributed import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed
 from pixelbert.engine.eval_setup import EvalSetup, eval_decoder
 from pixelbert.engine.evaluator import evaluate, read_eval_records
-from pixelbert.engine.metrics import JsonlLog, MetricsWindow
+from pixelbert.engine.metrics import JsonlLog, MetricsWindow, monitor_events
 from pixelbert.engine.optim import build_optimizer, build_scheduler
 from pixelbert.engine.weights import load_weights
 from pixelbert.model.tasks import build_model
@@ -117,6 +117,8 @@ class Validation:
         report = {"step": step, **report, "skipped": skips.totals()[0], "eval_s": time.perf_counter() - start}
         if self.log:
             self.log.write(report)
+        if engine.monitor.enabled:  # DeepSpeed's TensorBoard / W&B / Comet / CSV (rank 0 writes)
+            engine.monitor.write_events(monitor_events("Eval", report, step))
         shown = {k: round(v, 4) for k, v in report.items() if isinstance(v, float) and k != "eval_s"}
         log(self.dist, f"validation at step {step}: {shown}")
         return report
@@ -213,6 +215,8 @@ def train(cfg: Config) -> dict:
                         "skipped": skipped}
                 if metrics_log:
                     metrics_log.write(last)
+                if engine.monitor.enabled:
+                    engine.monitor.write_events(monitor_events("Train", last, step))
                 shown = {k.removesuffix("_loss"): f"{v:.3f}" for k, v in last.items() if k.endswith("_loss")}
                 progress.set_postfix(loss=f"{last['loss']:.3f}", **shown, sps=f"{last['samples_per_s']:.1f}")
                 window.reset()
