@@ -29,6 +29,7 @@ HIDDEN_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 SOURCE_FORMATS = ("coco_captions", "vg_regions", "vqa", "nlvr2", "karpathy")
 # Formats that give image-caption pairs, i.e. can feed MLM + ITM pre-training.
 CAPTION_FORMATS = ("coco_captions", "vg_regions", "karpathy")
+EXCLUDE_FORMATS = ("coco_captions", "karpathy", "vqa")  # sources that name COCO image ids
 DECODERS = ("auto", "dali", "pil")
 LR_SCHEDULES = ("linear", "step", "constant")
 TASKS = ("pretrain", "vqa", "nlvr2", "retrieval")
@@ -103,7 +104,9 @@ class SourceConfig:
     JSON; `questions`: the VQA questions file (VQA's `annotations` may be empty for a test split);
     `images`: the image folder (VG: folders joined with ","); `split`: the Karpathy split
     ("train", "val", "test", "restval", or several joined with "+"); `weight`: how many times
-    per epoch this source's items are drawn relative to once (0.5 = a random half each epoch).
+    per epoch this source's items are drawn relative to once (0.5 = a random half each epoch);
+    `image_data`: VG only, its `image_data.json`, which names the COCO id of the images VG took
+    from COCO (needed for data.exclude to reach them).
     """
     format: str = "coco_captions"
     annotations: str = ""
@@ -111,18 +114,24 @@ class SourceConfig:
     images: str = ""
     split: str = ""
     weight: float = 1.0
+    image_data: str = ""
 
-    def validate(self, where: str) -> None:
+    def validate(self, where: str, needs_images: bool = True) -> None:
         if self.format not in SOURCE_FORMATS:
             raise ConfigError(f"{where}.format must be one of {SOURCE_FORMATS}, got {self.format!r}")
         required = {"vqa": ("questions", "images"), "karpathy": ("annotations", "images", "split")}
         for key in required.get(self.format, ("annotations", "images")):
+            if key == "images" and not needs_images:  # data.exclude reads only the image ids
+                continue
             if not getattr(self, key):
                 raise ConfigError(f"{where}.{key} must name a path" if key != "split" else
                                   f"{where}.split must name the Karpathy split (train, val, test, "
                                   f"restval, or several joined with '+')")
         if not self.weight > 0:
             raise ConfigError(f"{where}.weight must be > 0, got {self.weight}")
+        if self.image_data and self.format != "vg_regions":
+            raise ConfigError(f"{where}.image_data is Visual Genome's image_data.json: only for "
+                              f"format vg_regions, not {self.format}")
 
 
 @dataclass
@@ -130,6 +139,11 @@ class DataConfig:
     # Empty `train` means the embedded synthetic set, generated into `synthetic_dir`.
     train: list[SourceConfig] = field(default_factory=list)
     val: list[SourceConfig] = field(default_factory=list)
+    # Held-out images: the COCO images of these sources (formats coco_captions, karpathy, vqa;
+    # e.g. the Karpathy val and test splits) are removed from data.train, by COCO id, so that
+    # no task trains on an image it is evaluated on. Visual Genome holds about 51K COCO images:
+    # a vg_regions source then needs its image_data.
+    exclude: list[SourceConfig] = field(default_factory=list)
     synthetic_dir: str = "data/synthetic"
     synthetic_images: int = 2000
     synthetic_seed: int = 0
@@ -166,9 +180,18 @@ class DataConfig:
     prefetch_factor: int = 2
 
     def validate(self) -> None:
-        for name in ("train", "val"):
+        for name in ("train", "val", "exclude"):
             for i, source in enumerate(getattr(self, name)):
-                source.validate(f"data.{name}[{i}]")
+                source.validate(f"data.{name}[{i}]", needs_images=name != "exclude")
+        for i, source in enumerate(self.exclude):
+            if source.format not in EXCLUDE_FORMATS:
+                raise ConfigError(f"data.exclude[{i}].format must be one of {EXCLUDE_FORMATS} (sources "
+                                  f"of COCO images), got {source.format!r}")
+        if self.exclude:
+            for i, source in enumerate(self.train):
+                if source.format == "vg_regions" and not source.image_data:
+                    raise ConfigError(f"data.train[{i}] (vg_regions) needs image_data (Visual Genome's "
+                                      "image_data.json) for data.exclude to remove the COCO images it holds")
         _positive(self, "synthetic_images", "max_text_len", "image_shorter", "image_longer",
                   "pad_multiple", "prefetch_factor", "dali_threads", "captions_per_image",
                   "aspect_grouping_window")

@@ -50,7 +50,7 @@ def test_coco_captions_sizes(synth, tmp_path):
     records = read_coco_captions(ann(synth, "captions_val.json"), synth / "images")
     assert len(records) == synthetic.CAPTIONS_PER_IMAGE * len(scenes)
     for r in records:
-        assert r.size == (scenes[r.image_id].height, scenes[r.image_id].width)
+        assert r.size == (scenes[r.image_id].height, scenes[r.image_id].width) and r.coco_id == r.image_id
         assert Path(r.image).name == scenes[r.image_id].file_name and Path(r.image).is_file()
     partial = write(tmp_path / "c.json", {
         "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg", "height": 5, "width": 7}],
@@ -119,6 +119,27 @@ def test_vg_regions_two_folders(tmp_path):
     assert read_vg_regions(write(tmp_path / "none.json", []), empty) == []
 
 
+def test_vg_image_data_names_the_coco_images(tmp_path):
+    """With VG's image_data.json a region of an image VG took from COCO carries its COCO id (VG
+    numbers its images itself); the others carry none, as without the file."""
+    (tmp_path / "vg").mkdir()
+    for vg_id in (101, 102):
+        (tmp_path / "vg" / f"{vg_id}.jpg").write_bytes(b"jpeg")
+    region = {"region_id": 1, "x": 0, "y": 0, "width": 2, "height": 2, "phrase": "a phrase"}
+    regions = write(tmp_path / "region_descriptions.json",
+                    [{"id": i, "regions": [{**region, "image_id": i}]} for i in (101, 102)])
+    image_data = write(tmp_path / "image_data.json", [
+        {"image_id": 101, "coco_id": 7, "flickr_id": None, "width": 5, "height": 5, "url": "u"},
+        {"image_id": 102, "coco_id": None, "flickr_id": 3, "width": 5, "height": 5, "url": "u"}])
+    assert [(r.image_id, r.coco_id) for r in read_vg_regions(regions, tmp_path / "vg", image_data)] == \
+        [(101, 7), (102, None)]
+    assert [r.coco_id for r in read_vg_regions(regions, tmp_path / "vg")] == [None, None]
+    with pytest.raises(ValueError, match=r"image_data\.json: not a Visual Genome image_data file"):
+        read_vg_regions(regions, tmp_path / "vg", write(tmp_path / "image_data.json", {"images": []}))
+    with pytest.raises(ValueError, match=r"entry 0 has no 'coco_id'"):
+        read_vg_regions(regions, tmp_path / "vg", write(tmp_path / "image_data.json", [{"image_id": 101}]))
+
+
 # ---- VQA --------------------------------------------------------------------------------
 
 def vqa_truth(question: str, scene: synthetic.Scene) -> str:
@@ -149,7 +170,7 @@ def test_vqa_synthetic(synth):
         assert {r.image_id for r in records} == set(scenes)
         for r in records:
             assert Path(r.image).name == scenes[r.image_id].file_name and Path(r.image).is_file()
-            assert len(r.answers) == 10
+            assert r.coco_id == r.image_id and len(r.answers) == 10
             truth = vqa_truth(r.text, scenes[r.image_id])
             top, votes = Counter(r.answers).most_common(1)[0]
             assert top == truth and votes >= 8, (r.text, r.answers, truth)
@@ -318,11 +339,13 @@ def test_karpathy_flickr_layout_and_splits(tmp_path):
         (str(tmp_path / "flickr30k-images" / "1000092795.jpg"), 0, ""),
         (str(tmp_path / "flickr30k-images" / "10002456.jpg"), 1, "A dog.")]
     assert [r.text for r in read_karpathy(path, tmp_path, "test")] == ["A girl."]
+    assert {r.coco_id for r in records} == {None}  # Flickr30K's images are not COCO's (data.exclude)
     coco = write(tmp_path / "dataset_coco.json", {"dataset": "coco", "images": [
         {"filepath": "val2014", "filename": "COCO_val2014_000000391895.jpg", "imgid": 0, "split": "test",
          "cocoid": 391895, "sentences": [{"raw": "A man riding a bike."}]}]})
     (r,) = read_karpathy(coco, tmp_path, "test")
-    assert (r.image, r.image_id) == (str(tmp_path / "val2014" / "COCO_val2014_000000391895.jpg"), 391895)
+    assert (r.image, r.image_id, r.coco_id) == (str(tmp_path / "val2014" / "COCO_val2014_000000391895.jpg"),
+                                                391895, 391895)
     with pytest.raises(ValueError, match=r"dataset_flickr30k\.json: split 'val'.*has train, test, restval"):
         read_karpathy(path, tmp_path, "train+val")
     with pytest.raises(ValueError, match=r"split 'trian' \(not a Karpathy split name.*has train, test, "

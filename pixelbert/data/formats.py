@@ -32,6 +32,7 @@ class Record:
     label: Optional[bool] = None              # NLVR2
     identifier: Optional[str] = None          # NLVR2: split-set-pair-sentence
     size: Optional[tuple[int, int]] = None    # (height, width) when the annotations give it
+    coco_id: Optional[int] = None             # the COCO image id, when the image is COCO's (data.exclude)
 
 
 def read_json(path: str | Path) -> Any:
@@ -74,18 +75,21 @@ def read_coco_captions(annotations: str | Path, images: str | Path) -> list[Reco
         # COCO captions carry stray spaces and newlines.
         records.append(Record(image=str(images / files[image_id]), image_id=int(image_id),
                               text=_text(_get(ann, "caption", annotations, f"annotations[{i}]")),
-                              size=sizes.get(image_id)))
+                              size=sizes.get(image_id), coco_id=int(image_id)))
     return records
 
 
-def read_vg_regions(annotations: str | Path, images: str | Path) -> list[Record]:
+def read_vg_regions(annotations: str | Path, images: str | Path,
+                    image_data: Optional[str | Path] = None) -> list[Record]:
     """Read Visual Genome `region_descriptions.json`, one Record per region phrase.
 
     `images` is a folder or several joined with "," (VG ships `VG_100K` and `VG_100K_2`); the
     image of id N is `N.jpg` in the first folder that has it. Records of an image found in no
     folder keep the first folder's path (the loader counts them as missing files), but when not
-    one image is found the folders are wrong: FileNotFoundError.
+    one image is found the folders are wrong: FileNotFoundError. With VG's `image_data.json`
+    (`image_data`), records of the images VG took from COCO carry its `coco_id`.
     """
+    coco_ids = read_vg_coco_ids(image_data) if image_data else {}
     annotations = Path(annotations)
     raw = read_json(annotations)
     if not isinstance(raw, list):
@@ -112,7 +116,8 @@ def read_vg_regions(annotations: str | Path, images: str | Path) -> list[Record]
         path = str(where.get(name, folders[0]) / name)
         for j, region in enumerate(_get(entry, "regions", annotations, f"entry {i}")):
             phrase = _get(region, "phrase", annotations, f"entry {i} (id {image_id}) region {j}")
-            records.append(Record(image=path, image_id=image_id, text=_text(phrase)))
+            records.append(Record(image=path, image_id=image_id, text=_text(phrase),
+                                  coco_id=coco_ids.get(image_id)))
     if records and not found:
         raise FileNotFoundError(f"{annotations}: none of its images (N.jpg by image id) is in "
                                 f"{', '.join(map(str, folders))}")
@@ -155,7 +160,7 @@ def read_vqa(questions: str | Path, annotations_or_None: Optional[str | Path],
                                  f"{ann_images[qid]}, but {questions} says {image_id}")
         records.append(Record(image=str(images / f"COCO_{subtype}_{int(image_id):012d}.jpg"),
                               image_id=image_id, text=text, question_id=qid,
-                              answers=None if answers is None else answers[qid]))
+                              answers=None if answers is None else answers[qid], coco_id=int(image_id)))
     orphans = [] if answers is None else sorted(answers.keys() - {r.question_id for r in records})
     if orphans:
         raise ValueError(f"{annotations_or_None}: annotation of question_id {orphans[0]} has no "
@@ -200,6 +205,22 @@ def read_nlvr2(jsonl: str | Path, images: str | Path) -> list[Record]:
     return records
 
 
+def read_vg_coco_ids(image_data: str | Path) -> dict[int, int]:
+    """VG image id -> COCO image id, from VG's `image_data.json` (a list of `{"image_id",
+    "coco_id", ...}`; `coco_id` is null for the images not from COCO)."""
+    path = Path(image_data)
+    raw = read_json(path)
+    if not isinstance(raw, list):
+        raise ValueError(f"{path}: not a Visual Genome image_data file (needs a top-level list of "
+                         f"{{'image_id', 'coco_id', ...}} entries, got a {type(raw).__name__})")
+    coco_ids = {}
+    for i, entry in enumerate(raw):
+        coco_id = _get(entry, "coco_id", path, f"entry {i}")
+        if coco_id is not None:
+            coco_ids[_get(entry, "image_id", path, f"entry {i}")] = int(coco_id)
+    return coco_ids
+
+
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
 
 
@@ -232,7 +253,8 @@ def read_karpathy(json: str | Path, images: str | Path, split: str) -> list[Reco
         image_id = entry["cocoid"] if "cocoid" in entry else _get(entry, "imgid", path, where)
         for j, sentence in enumerate(_get(entry, "sentences", path, where)):
             text = _get(sentence, "raw", path, f"{where} ({filename}) sentence {j}")
-            records.append(Record(image=str(image), image_id=image_id, text=_text(text)))
+            records.append(Record(image=str(image), image_id=image_id, text=_text(text),
+                                  coco_id=int(entry["cocoid"]) if "cocoid" in entry else None))
     return records
 
 

@@ -20,7 +20,7 @@ from pixelbert.data.synthetic import ensure_synthetic
 from pixelbert.data.tasks import AnswerVocabulary, TaskDataset, collate_task
 from pixelbert.data.tokenizer import TextTokenizer, build_tokenizer, run_tokenizer
 from pixelbert.engine.decoding import build_decoder
-from pixelbert.engine.distributed import DistInfo, barrier
+from pixelbert.engine.distributed import DistInfo, barrier, log
 from pixelbert.fileio import write_atomic
 
 ANSWERS_FILE = "answers.txt"  # a VQA run's answer vocabulary, one answer per line, in head order
@@ -32,7 +32,7 @@ def read_source(source: SourceConfig) -> list[Record]:
     if source.format == "coco_captions":
         return formats.read_coco_captions(source.annotations, source.images)
     if source.format == "vg_regions":
-        return formats.read_vg_regions(source.annotations, source.images)
+        return formats.read_vg_regions(source.annotations, source.images, source.image_data or None)
     if source.format == "karpathy":
         return formats.read_karpathy(source.annotations, source.images, source.split)
     if source.format == "vqa":
@@ -43,7 +43,8 @@ def read_source(source: SourceConfig) -> list[Record]:
 
 
 def check_source_paths(source: SourceConfig, where: str) -> None:
-    keys = ("questions", "annotations", "images") if source.format == "vqa" else ("annotations", "images")
+    keys = ("questions", "annotations", "images") if source.format == "vqa" else ("annotations", "images",
+                                                                                  "image_data")
     for key in keys:
         value = getattr(source, key)
         paths = value.split(",") if key == "images" and source.format == "vg_regions" else [value]
@@ -52,6 +53,32 @@ def check_source_paths(source: SourceConfig, where: str) -> None:
                 raise FileNotFoundError(
                     f"{where}.{key}: {path} does not exist. To train on the embedded synthetic "
                     "set instead, leave data.train empty (override data.train=[]).")
+
+
+def held_out_coco_ids(cfg: Config) -> set[int]:
+    """The COCO ids of data.exclude's images."""
+    held: set[int] = set()
+    for i, source in enumerate(cfg.data.exclude):
+        check_source_paths(source, f"data.exclude[{i}]")
+        ids = {r.coco_id for r in read_source(source) if r.coco_id is not None}
+        if not ids:
+            raise ValueError(f"data.exclude[{i}] ({source.annotations or source.questions}) names no COCO "
+                             "image (a Flickr30K Karpathy file has no cocoid): it holds nothing out")
+        held |= ids
+    return held
+
+
+def without_held_out(per_source: list[list[Record]], cfg: Config, dist: DistInfo) -> list[list[Record]]:
+    """data.train's records (per source) minus those of data.exclude's COCO images."""
+    if not cfg.data.exclude:
+        return per_source
+    held = held_out_coco_ids(cfg)
+    kept = [[r for r in records if r.coco_id not in held] for records in per_source]
+    removed = [len(records) - len(left) for records, left in zip(per_source, kept)]
+    images = {r.coco_id for records in per_source for r in records if r.coco_id in held}
+    log(dist, f"data.exclude holds out {len(held)} COCO images: removed {sum(removed)} training records "
+              f"of {len(images)} of them (per source: {removed})")
+    return kept
 
 
 @dataclass
@@ -79,15 +106,16 @@ def caption_records(cfg: Config, split: str, dist: DistInfo) -> list[list[Record
         if dist.is_main:  # one rank writes the set; the others wait for it
             ensure_synthetic(root, cfg.data.synthetic_images, cfg.data.synthetic_seed)
         barrier()
-        return [formats.read_coco_captions(root / "annotations" / f"captions_{split}.json", root / "images")]
-    per_source = []
-    for i, source in enumerate(configured):
-        if source.format not in CAPTION_FORMATS:
-            raise ValueError(f"data.{split}[{i}].format={source.format!r} has no captions to pre-train "
-                             f"on (MLM + ITM take {CAPTION_FORMATS}); it is a fine-tuning format")
-        check_source_paths(source, f"data.{split}[{i}]")
-        per_source.append(read_source(source))
-    return per_source
+        per_source = [formats.read_coco_captions(root / "annotations" / f"captions_{split}.json", root / "images")]
+    else:
+        per_source = []
+        for i, source in enumerate(configured):
+            if source.format not in CAPTION_FORMATS:
+                raise ValueError(f"data.{split}[{i}].format={source.format!r} has no captions to pre-train "
+                                 f"on (MLM + ITM take {CAPTION_FORMATS}); it is a fine-tuning format")
+            check_source_paths(source, f"data.{split}[{i}]")
+            per_source.append(read_source(source))
+    return without_held_out(per_source, cfg, dist) if split == "train" else per_source
 
 
 def header_size(path: str) -> Optional[tuple[int, int]]:
@@ -191,10 +219,13 @@ def read_task_records(cfg: Config, split: str, dist: DistInfo) -> list[Record]:
     """Every record of the split's sources, those with an empty question, statement or caption
     included: training counts and drops them (`with_text`), evaluation counts them and treats
     them like a record whose image cannot be read (VQA still answers them)."""
-    records: list[Record] = []
+    per_source = []
     for i, source in enumerate(task_sources(cfg, split, dist)):
         check_source_paths(source, f"data.{split}[{i}]")
-        records.extend(read_source(source))
+        per_source.append(read_source(source))
+    if split == "train":
+        per_source = without_held_out(per_source, cfg, dist)
+    records = [r for source_records in per_source for r in source_records]
     if not any(r.text.strip() for r in records):
         raise ValueError(f"data.{split}: no {cfg.train.task} records with text")
     return records

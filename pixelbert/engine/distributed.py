@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 
 def configure_accelerator() -> None:
@@ -78,6 +79,12 @@ def shutdown_distributed() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     remove_shm_segment()
+
+
+def log(dist: DistInfo, message: str) -> None:
+    """A line from the main rank (through tqdm, so a progress bar stays intact)."""
+    if dist.is_main:
+        tqdm.write(f"[pixelbert] {message}")
 
 
 _had_process_group = False  # set by init_distributed: exit_process leaves without finalisation

@@ -19,7 +19,7 @@ from pixelbert.data import skips as skip_counts
 from pixelbert.data.skips import SkipCounter
 from pixelbert.engine.batches import BatchPreparer, Prefetcher
 from pixelbert.engine.data import build_training_data
-from pixelbert.engine.distributed import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed
+from pixelbert.engine.distributed import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed, log
 from pixelbert.engine.eval_setup import EvalSetup, eval_decoder
 from pixelbert.engine.evaluator import evaluate, read_eval_records
 from pixelbert.engine.metrics import JsonlLog, MetricsWindow, monitor_events
@@ -77,11 +77,6 @@ def attention_plan(cfg: Config, device: torch.device, dtype: torch.dtype) -> str
         plan += (f" in training ({eval_backend} has no attention dropout, and "
                  f"attention_probs_dropout_prob={dropout}), {eval_backend} in evaluation")
     return plan
-
-
-def log(dist: DistInfo, message: str) -> None:
-    if dist.is_main:
-        tqdm.write(f"[pixelbert] {message}")
 
 
 class Validation:
