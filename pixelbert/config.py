@@ -222,6 +222,9 @@ class TrainConfig:
     stop_at_step: Optional[int] = None  # end early (job time slot) without changing the schedule
     log_every: int = 10
     save_every: int = 0  # 0: only at the end
+    # Keep the newest this many checkpoints, deleting older ones once a newer one is complete
+    # (an X152 checkpoint with its optimiser state is several GB). 0: keep every one.
+    keep_checkpoints: int = 0
     # Evaluate on data.val (or the synthetic set's val split) every this many steps and at the
     # end, into eval.jsonl: the task's report (VQA accuracy, NLVR2 accuracy, retrieval recall) or,
     # for pre-training, MLM/ITM loss and accuracy on the val captions. 0: never. eval_records > 0
@@ -255,7 +258,7 @@ class TrainConfig:
         _positive(self, "max_steps", "log_every", "eval_batch_size")
         if self.seed < 0:
             raise ConfigError(f"train.seed must be >= 0, got {self.seed}")
-        for key in ("save_every", "eval_every", "eval_records"):
+        for key in ("save_every", "keep_checkpoints", "eval_every", "eval_records"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.max_steps:

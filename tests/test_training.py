@@ -167,7 +167,9 @@ def test_zero_two_rank_resume_equals_uninterrupted(tmp_path, synthetic_dir, stag
     # Partitioned optimiser state and gradients, and one RNG file per rank; each optimiser
     # kernel resumes its own state (torch's fused kernels run on the CPU too).
     # Validation on: under ZeRO-3 every rank must run its forward passes (parameter gathers).
-    common = SMALL + ["train.max_steps=4", "train.save_every=2", "data.num_workers=0",
+    # Retention on: keeping one checkpoint deletes the step-2 one (every rank's files) only after
+    # step 4's is complete, and the resumed run still starts from step 2.
+    common = SMALL + ["train.max_steps=4", "train.save_every=2", "data.num_workers=0", "train.keep_checkpoints=1",
                       "deepspeed.train_micro_batch_size_per_gpu=4", f"deepspeed.zero_optimization.stage={stage}",
                       f"train.optimizer_kernel={kernel}", "train.eval_every=2", "train.eval_records=8"]
     straight = run_train(tmp_path / "straight", synthetic_dir, common, ranks=2)
@@ -175,6 +177,9 @@ def test_zero_two_rank_resume_equals_uninterrupted(tmp_path, synthetic_dir, stag
     resumed = run_train(tmp_path / "interrupted", synthetic_dir, common + ["train.resume=true"], ranks=2)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert losses(resumed) == pytest.approx(losses(straight), rel=1e-6, abs=1e-7)
+    for run in ("straight", "interrupted"):
+        left = sorted(p.name for p in (tmp_path / run / "checkpoints").iterdir() if not p.name.endswith(".py"))
+        assert left == ["latest", "step_4"]  # beside DeepSpeed's conversion script (zero_to_torch.py)
     straight_eval, resumed_eval = eval_lines(tmp_path / "straight"), eval_lines(tmp_path / "interrupted")
     assert list(straight_eval) == list(resumed_eval) == [2, 4]
     for step in (2, 4):

@@ -3,11 +3,13 @@ the step and every rank's random state.
 
 DeepSpeed writes a tag folder `step_N/`; each rank adds `rng_rank{R}.pt`; only when all have
 finished does rank 0 point `latest` at the tag, by an atomic rename. A run killed mid-save
-therefore resumes from the previous complete checkpoint, never from a partial one.
+therefore resumes from the previous complete checkpoint, never from a partial one. Only after
+that are checkpoints beyond `keep` (train.keep_checkpoints) deleted, oldest first.
 """
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -35,8 +37,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, directory: str | Path, step: int, dist: DistInfo, client_state: Optional[dict] = None) -> Path:
-    """Save a complete checkpoint for `step` and then mark it as the latest."""
+def save(engine, directory: str | Path, step: int, dist: DistInfo, client_state: Optional[dict] = None,
+         keep: int = 0) -> Path:
+    """Save a complete checkpoint for `step`, mark it as the latest, then delete all but the
+    newest `keep` checkpoints (0: none deleted)."""
     directory = Path(directory)
     tag = f"step_{step}"
     engine.save_checkpoint(str(directory), tag=tag, client_state={"step": step, **(client_state or {})},
@@ -46,7 +50,25 @@ def save(engine, directory: str | Path, step: int, dist: DistInfo, client_state:
     if dist.is_main:
         write_atomic(directory / LATEST, tag)
     barrier()
+    if keep and dist.local_rank == 0:  # one rank per node: node-local disks hold their own shards
+        prune(directory, keep)
     return directory / tag
+
+
+def prune(directory: Path, keep: int) -> list[str]:
+    """Delete the `step_N` folders older than the newest `keep` (never the latest). Each goes by
+    a rename first, so a run killed while deleting leaves no partial `step_N` behind."""
+    latest = latest_tag(directory)
+    tags = sorted((p.name for p in directory.glob("step_*") if p.name[5:].isdigit()), key=lambda t: int(t[5:]))
+    doomed = [t for t in tags[:-keep] if t != latest]
+    for tag in doomed:
+        trash = directory / f".deleting-{tag}"
+        try:
+            (directory / tag).rename(trash)
+        except FileNotFoundError:  # another node's rank deleted it (a shared file system)
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed
 
 
 def latest_tag(directory: str | Path) -> Optional[str]:

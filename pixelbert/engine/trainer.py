@@ -225,7 +225,7 @@ def train(cfg: Config) -> dict:
                 report = validation.run(engine, step)
                 window_start += report["eval_s"]  # samples_per_s counts training time only
             if save:
-                checkpoint.save(engine, ckpt_dir, step, dist)
+                checkpoint.save(engine, ckpt_dir, step, dist, keep=cfg.train.keep_checkpoints)
     finally:
         progress.close()
         batches.close()

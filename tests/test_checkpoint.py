@@ -1,0 +1,15 @@
+"""Checkpoint retention (train.keep_checkpoints): what prune deletes and what it never does."""
+from __future__ import annotations
+
+from pixelbert.engine import checkpoint
+
+
+def test_prune_keeps_the_newest_and_the_latest(tmp_path):
+    for step in (2, 4, 10, 12):
+        (tmp_path / f"step_{step}").mkdir()
+        (tmp_path / f"step_{step}" / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+    (tmp_path / "step_notes").mkdir()  # not a checkpoint: left alone
+    (tmp_path / "latest").write_text("step_10")  # step_12: written after, never completed
+    assert checkpoint.prune(tmp_path, keep=1) == ["step_2", "step_4"]  # numeric order, not text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_10", "step_12", "step_notes"]
+    assert checkpoint.prune(tmp_path, keep=2) == []
