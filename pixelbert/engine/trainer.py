@@ -62,6 +62,18 @@ def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return rates
 
 
+def plain_grad_norm(engine) -> torch.Tensor | None:
+    """The global gradient norm before clipping, where DeepSpeed leaves the gradients in the
+    parameters (no ZeRO, fp32): called after the last micro-batch's backward, which averaged them
+    over the ranks. None otherwise: then the ZeRO / bf16 / fp16 optimiser computes it in the
+    step (get_global_grad_norm; with gradient_clipping > 0)."""
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return None
+    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64)
+             for p in engine.module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+
+
 def attention_plan(cfg: Config, device: torch.device, dtype: torch.dtype) -> str:
     """Which attention runs, said at start-up; a forced backend that cannot run here fails now,
     not at the first step."""
@@ -179,6 +191,7 @@ def train(cfg: Config) -> dict:
     accum = cfg.grad_accum_steps
     stop_step = cfg.train.stop_at_step or cfg.train.max_steps
     window = MetricsWindow(dist.device)
+    grad_norms: list[torch.Tensor] = []  # one per optimiser step since the last log line
     window_start = time.perf_counter()
     last: dict = {}
     engine.train()
@@ -193,10 +206,15 @@ def train(cfg: Config) -> dict:
                 engine.backward(out["loss"])
                 window.add(out, samples=len(batch["input_ids"]), images=stats["images"],
                            padded_fraction=stats["padded_fraction"])
-                if micro == accum - 1 and window.any_nonfinite():
-                    raise FloatingPointError(f"non-finite loss at step {step}; the optimiser did not step. "
-                                             "Lower the learning rates or check the data of this step.")
+                if micro == accum - 1:
+                    if window.any_nonfinite():
+                        raise FloatingPointError(f"non-finite loss at step {step}; the optimiser did not step. "
+                                                 "Lower the learning rates or check the data of this step.")
+                    own_norm = plain_grad_norm(engine)
                 engine.step()
+            step_norm = own_norm if own_norm is not None else engine.get_global_grad_norm()
+            if step_norm is not None:
+                grad_norms.append(torch.as_tensor(step_norm, dtype=torch.float64))
             progress.update(1)
             if step % cfg.train.log_every == 0 or step == stop_step:
                 elapsed = time.perf_counter() - window_start
@@ -208,6 +226,9 @@ def train(cfg: Config) -> dict:
                         "images_per_s": summary["images"] / elapsed,
                         "data_wait_fraction": batches.wait_s / elapsed,
                         "skipped": skipped}
+                if grad_norms:  # the steps' global gradient norms before clipping, averaged
+                    last["grad_norm"] = torch.stack(grad_norms).mean().item()
+                    grad_norms.clear()
                 if metrics_log:
                     metrics_log.write(last)
                 if engine.monitor.enabled:
