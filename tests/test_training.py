@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.launch import clean_env, run_deepspeed, run_python
 pytestmark = pytest.mark.slow
@@ -186,6 +187,37 @@ def test_zero_two_rank_resume_equals_uninterrupted(tmp_path, synthetic_dir, stag
     assert list(straight_eval) == list(resumed_eval) == [2, 4]
     for step in (2, 4):
         assert same_eval(resumed_eval[step], straight_eval[step]), (step, resumed_eval[step], straight_eval[step])
+
+
+def test_export_gathers_a_zero3_checkpoint_into_a_folder_that_evaluates_alike(tmp_path, synthetic_dir):
+    """pixelbert.tools.export: a two-rank ZeRO-3 VQA checkpoint (weights partitioned in the
+    optimiser states) becomes one safetensors file with the run's config, vocabulary and answers;
+    its tensors are the checkpoint's fp32 weights (bf16 on request), and the CLI evaluation of the
+    folder is the run's."""
+    from pixelbert.engine.weights import model_state_dict
+    from pixelbert.tools.export import main as export_main
+    run = tmp_path / "run"
+    run_train(run, synthetic_dir, SMALL + ["train.max_steps=2", "data.num_workers=0", "train.task=vqa",
+                                           "task.min_answer_count=1", "deepspeed.train_micro_batch_size_per_gpu=4",
+                                           "deepspeed.zero_optimization.stage=3"], ranks=2)
+    assert export_main(["--checkpoint", str(run), "--out", str(tmp_path / "export")]) == 0
+    assert export_main(["--checkpoint", str(run), "--out", str(tmp_path / "half"), "--dtype", "bf16"]) == 0
+    original = model_state_dict(run)
+    exported = model_state_dict(tmp_path / "export" / "model.safetensors")
+    half = model_state_dict(tmp_path / "half" / "model.safetensors")
+    assert exported.keys() == original.keys() == half.keys() and len(original) > 50
+    assert all(torch.equal(exported[k], original[k]) for k in original)
+    assert all(torch.equal(half[k], original[k].to(torch.bfloat16)) for k in original if original[k].is_floating_point())
+    assert (tmp_path / "export" / "answers.txt").read_text() == (run / "answers.txt").read_text()
+    reports = []
+    for config, checkpoint in ((run / "config.json", run), (tmp_path / "export" / "config.json",
+                                                             tmp_path / "export" / "model.safetensors")):
+        result = run_python(["-m", "pixelbert.evaluate", "--config", str(config), "--checkpoint", str(checkpoint)],
+                            clean_env(OMP_NUM_THREADS="1"), timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads((Path(json.loads(config.read_text())["train"]["output_dir"]) / "eval_vqa_val.json").read_text())
+        reports.append({k: v for k, v in report.items() if k not in ("eval_s", "checkpoint", "results_file")})
+    assert reports[0] == reports[1] and "overall" in reports[0]
 
 
 def mean(records: list[dict], key: str) -> float:
