@@ -29,6 +29,10 @@ HIDDEN_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 SOURCE_FORMATS = ("coco_captions", "vg_regions", "vqa", "nlvr2", "karpathy")
 # Formats that give image-caption pairs, i.e. can feed MLM + ITM pre-training.
 CAPTION_FORMATS = ("coco_captions", "vg_regions", "karpathy")
+# The validation numbers train.best_metric can follow, by task.
+BEST_METRICS = {"pretrain": ("loss", "mlm_loss", "itm_loss", "mlm_acc", "itm_acc"),
+                "vqa": ("overall",), "nlvr2": ("accuracy", "consistency"),
+                "retrieval": ("mean", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")}
 EXCLUDE_FORMATS = ("coco_captions", "karpathy", "vqa")  # sources that name COCO image ids
 DECODERS = ("auto", "dali", "pil")
 LR_SCHEDULES = ("linear", "step", "constant")
@@ -225,6 +229,11 @@ class TrainConfig:
     # Keep the newest this many checkpoints, deleting older ones once a newer one is complete
     # (an X152 checkpoint with its optimiser state is several GB). 0: keep every one.
     keep_checkpoints: int = 0
+    # With eval_every > 0: a validation whose `best_metric` (a number of the task's report, see
+    # BEST_METRICS) beats every earlier one (higher with best_mode "max", lower with "min") saves
+    # a checkpoint, named in checkpoints/best.json and never deleted by keep_checkpoints. "": off.
+    best_metric: str = ""
+    best_mode: str = "max"
     # Evaluate on data.val (or the synthetic set's val split) every this many steps and at the
     # end, into eval.jsonl: the task's report (VQA accuracy, NLVR2 accuracy, retrieval recall) or,
     # for pre-training, MLM/ITM loss and accuracy on the val captions. 0: never. eval_records > 0
@@ -258,6 +267,7 @@ class TrainConfig:
         _positive(self, "max_steps", "log_every", "eval_batch_size")
         if self.seed < 0:
             raise ConfigError(f"train.seed must be >= 0, got {self.seed}")
+        _choice(self, "best_mode", ("max", "min"))
         for key in ("save_every", "keep_checkpoints", "eval_every", "eval_records"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
@@ -334,6 +344,12 @@ class Config:
         self.data.validate()
         self.train.validate()
         self.task.validate()
+        if self.train.best_metric:
+            if self.train.best_metric not in BEST_METRICS[self.train.task]:
+                raise ConfigError(f"train.best_metric={self.train.best_metric!r} is not a validation number of "
+                                  f"train.task={self.train.task!r}: one of {BEST_METRICS[self.train.task]}")
+            if not self.train.eval_every:
+                raise ConfigError("train.best_metric needs validation: set train.eval_every > 0")
         if self.train.task != "pretrain":
             for i, source in enumerate(self.data.train + self.data.val):
                 if source.format not in TASK_FORMATS[self.train.task]:

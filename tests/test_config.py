@@ -63,6 +63,10 @@ def test_source_list_override(config_file):
     ("train.eval_batch_size=0", "train.eval_batch_size must be >= 1"),
     ("task.shortlist=50", "task.shortlist needs the contrastive similarity"),
     ("task.retrieval_folds=1", "task.retrieval_folds must be 0 (off) or at least 2"),
+    ("train.keep_checkpoints=-1", "train.keep_checkpoints must be >= 0"),
+    ("train.best_metric=overall", "train.best_metric='overall' is not a validation number of train.task='pretrain'"),
+    ("train.best_metric=mlm_loss", "train.best_metric needs validation"),
+    ("train.best_mode=lowest", "train.best_mode must be one of"),
     ("task.contrastive_weight=-1", "task.contrastive_weight must be >= 0"),
     ("task.contrastive_dim=0", "task.contrastive_dim must be >= 1"),
 ])

@@ -189,6 +189,28 @@ def test_zero_two_rank_resume_equals_uninterrupted(tmp_path, synthetic_dir, stag
         assert same_eval(resumed_eval[step], straight_eval[step]), (step, resumed_eval[step], straight_eval[step])
 
 
+@pytest.mark.parametrize("metric, mode", [("itm_acc", "max"), ("mlm_loss", "min")])
+def test_best_validation_keeps_its_checkpoint(tmp_path, synthetic_dir, metric, mode):
+    """train.best_metric: a validation better than every earlier one saves a checkpoint named in
+    best.json, which keep_checkpoints never deletes; the others go as usual. (Seen: ITM accuracy
+    flat over five steps, so the first stays best; MLM loss falling, so each is the new best.)"""
+    from pixelbert.engine.weights import model_state_dict
+    run = tmp_path / "run"
+    run_train(run, synthetic_dir, SMALL + ["train.max_steps=5", "data.num_workers=0", "train.eval_every=1",
+                                           "train.eval_records=8", "train.keep_checkpoints=1",
+                                           f"train.best_metric={metric}", f"train.best_mode={mode}",
+                                           "deepspeed.train_micro_batch_size_per_gpu=4"])
+    value = {step: report[metric] for step, report in eval_lines(run).items()}
+    sign = 1 if mode == "max" else -1
+    best_step = max(value, key=lambda step: (sign * value[step], -step))  # the first of equal bests
+    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert best == {"tag": f"step_{best_step}", "step": best_step, "metric": metric,
+                    "value": pytest.approx(value[best_step])}
+    left = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert left == sorted({f"step_{best_step}", "step_5"})
+    assert len(model_state_dict(run / "checkpoints" / best["tag"])) > 50
+
+
 def test_export_gathers_a_zero3_checkpoint_into_a_folder_that_evaluates_alike(tmp_path, synthetic_dir):
     """pixelbert.tools.export: a two-rank ZeRO-3 VQA checkpoint (weights partitioned in the
     optimiser states) becomes one safetensors file with the run's config, vocabulary and answers;

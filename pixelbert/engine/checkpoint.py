@@ -8,6 +8,7 @@ that are checkpoints beyond `keep` (train.keep_checkpoints) deleted, oldest firs
 """
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -20,6 +21,7 @@ from pixelbert.engine.distributed import DistInfo, barrier
 from pixelbert.fileio import torch_save_atomic, write_atomic
 
 LATEST = "latest"
+BEST = "best.json"  # {"tag", "step", "metric", "value"}: train.best_metric's best validation
 
 
 def rng_state() -> dict:
@@ -38,9 +40,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, directory: str | Path, step: int, dist: DistInfo, client_state: Optional[dict] = None,
-         keep: int = 0) -> Path:
-    """Save a complete checkpoint for `step`, mark it as the latest, then delete all but the
-    newest `keep` checkpoints (0: none deleted)."""
+         keep: int = 0, best: Optional[dict] = None) -> Path:
+    """Save a complete checkpoint for `step`, mark it as the latest (and, given `best` =
+    {"metric", "value"}, as the best validation's in best.json), then delete all but the newest
+    `keep` checkpoints and the best (0: none deleted)."""
     directory = Path(directory)
     tag = f"step_{step}"
     engine.save_checkpoint(str(directory), tag=tag, client_state={"step": step, **(client_state or {})},
@@ -49,6 +52,8 @@ def save(engine, directory: str | Path, step: int, dist: DistInfo, client_state:
     barrier()
     if dist.is_main:
         write_atomic(directory / LATEST, tag)
+        if best is not None:
+            write_atomic(directory / BEST, json.dumps({"tag": tag, "step": step, **best}))
     barrier()
     if keep and dist.local_rank == 0:  # one rank per node: node-local disks hold their own shards
         prune(directory, keep)
@@ -56,11 +61,11 @@ def save(engine, directory: str | Path, step: int, dist: DistInfo, client_state:
 
 
 def prune(directory: Path, keep: int) -> list[str]:
-    """Delete the `step_N` folders older than the newest `keep` (never the latest). Each goes by
-    a rename first, so a run killed while deleting leaves no partial `step_N` behind."""
-    latest = latest_tag(directory)
+    """Delete the `step_N` folders older than the newest `keep` (never the latest, nor the best).
+    Each goes by a rename first, so a run killed while deleting leaves no partial `step_N`."""
+    kept = {latest_tag(directory), (best_record(directory) or {}).get("tag")}
     tags = sorted((p.name for p in directory.glob("step_*") if p.name[5:].isdigit()), key=lambda t: int(t[5:]))
-    doomed = [t for t in tags[:-keep] if t != latest]
+    doomed = [t for t in tags[:-keep] if t not in kept]
     for tag in doomed:
         trash = directory / f".deleting-{tag}"
         try:
@@ -69,6 +74,11 @@ def prune(directory: Path, keep: int) -> list[str]:
             continue
         shutil.rmtree(trash, ignore_errors=True)
     return doomed
+
+
+def best_record(directory: str | Path) -> Optional[dict]:
+    path = Path(directory) / BEST
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def latest_tag(directory: str | Path) -> Optional[str]:

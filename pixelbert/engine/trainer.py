@@ -91,6 +91,28 @@ def attention_plan(cfg: Config, device: torch.device, dtype: torch.dtype) -> str
     return plan
 
 
+class BestValidation:
+    """train.best_metric: the best validation value so far (checkpoints/best.json's on resume)."""
+
+    def __init__(self, cfg: Config, ckpt_dir: Path):
+        self.metric, self.higher = cfg.train.best_metric, cfg.train.best_mode == "max"
+        record = checkpoint.best_record(ckpt_dir) if cfg.train.resume else None
+        self.value = record["value"] if record and record["metric"] == self.metric else None
+
+    def improves(self, report: dict) -> bool:
+        """Whether `report` beats every earlier validation (then it becomes the best)."""
+        if self.metric not in report:  # e.g. a VQA split without annotations has no accuracy
+            raise ValueError(f"train.best_metric={self.metric!r} is not in this validation's report "
+                             f"(it has {sorted(k for k, v in report.items() if isinstance(v, float))})")
+        value = float(report[self.metric])
+        if value != value:  # NaN is never better
+            return False
+        if self.value is not None and not (value > self.value if self.higher else value < self.value):
+            return False
+        self.value = value
+        return True
+
+
 class Validation:
     """`train.eval_every`: the evaluation `python -m pixelbert.evaluate` runs, on data.val, during
     training, appended to eval.jsonl (cut back to the checkpoint's step on resume, like
@@ -186,6 +208,7 @@ def train(cfg: Config) -> dict:
         if dist.is_main else None
 
     validation = Validation(cfg, data, dist, float_dtype, start_step) if cfg.train.eval_every else None
+    best = BestValidation(cfg, ckpt_dir) if cfg.train.best_metric else None
     batches = Prefetcher(iter(data.make_loader(start_step)),
                          BatchPreparer(dist.device, float_dtype, skips, data.decoder), dist.device)
     accum = cfg.grad_accum_steps
@@ -242,11 +265,16 @@ def train(cfg: Config) -> dict:
             save = (cfg.train.save_every and step % cfg.train.save_every == 0) or step == stop_step
             if validate or save:
                 broadcast_buffers(engine.module)
+            new_best = False
             if validate:
                 report = validation.run(engine, step)
                 window_start += report["eval_s"]  # samples_per_s counts training time only
-            if save:
-                checkpoint.save(engine, ckpt_dir, step, dist, keep=cfg.train.keep_checkpoints)
+                new_best = best is not None and best.improves(report)
+            if save or new_best:
+                saved = checkpoint.save(engine, ckpt_dir, step, dist, keep=cfg.train.keep_checkpoints,
+                                        best={"metric": best.metric, "value": best.value} if new_best else None)
+                if new_best:
+                    log(dist, f"best validation so far ({best.metric} {best.value:.4f}): {saved}")
     finally:
         progress.close()
         batches.close()
