@@ -93,6 +93,7 @@ sys.path.insert(0, str(ROOT))
 from pixelbert import ops  # noqa: E402
 from pixelbert.config import Config, load_config  # noqa: E402
 from pixelbert.engine.distributed import configure_accelerator, init_distributed  # noqa: E402
+from pixelbert.engine.profiling import StepProfiler  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_csv, git_commit  # noqa: E402
 from dataloader import coco_like_jpeg  # noqa: E402
@@ -290,8 +291,9 @@ def mode_config(args, mode: Mode, batch: int, data: dict, out_dir: Path) -> Conf
 
 
 def run_mode(cfg: Config, mode: Mode, dist, clock: Clock, warmup: int, steps: int,
-             count_flops: bool = True) -> dict:
-    """Build the engine as the trainer does and time `steps` real steps after `warmup`."""
+             count_flops: bool = True, profile: int = 0, profile_prefix: Path | None = None) -> dict:
+    """Build the engine as the trainer does and time `steps` real steps after `warmup`; then,
+    untimed, profile `profile` more into `<profile_prefix>-<mode>.json.gz` and `.txt`."""
     import deepspeed
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -365,6 +367,17 @@ def run_mode(cfg: Config, mode: Mode, dist, clock: Clock, warmup: int, steps: in
             torch.cuda.synchronize()
         wall = time.perf_counter() - wall_start
         peak_mb = peak_memory_mb(cuda)
+        if profile:
+            profiler = StepProfiler(1, profile, profile_prefix.parent, f"{profile_prefix.name}-{mode.name}", cuda)
+            for k in range(1, profile + 1):
+                profiler.before(k)
+                batch, _ = next(batches)
+                with autocast:
+                    out = engine(batch)
+                engine.backward(out["loss"])
+                engine.step()
+                profiler.after(k)
+            print(f"  {mode.name}: profile of {profile} steps in {', '.join(map(str, profiler.written))}", flush=True)
     finally:
         for hook in hooks:
             hook.remove()
@@ -628,6 +641,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="JSON results (default runs/throughput/<config>.json; PNG beside)")
     parser.add_argument("--csv", default=str(ROOT / "benchmarks" / "throughput.csv"))
     parser.add_argument("--keep-data", action="store_true", help="keep the generated images and runs")
+    parser.add_argument("--profile", type=int, default=0,
+                        help="after the timed steps, profile this many more (torch.profiler) beside --out")
+    parser.add_argument("--profile-modes", default="engine", help="modes --profile applies to")
     parser.add_argument("override", nargs="*", help="key.path=value applied to every mode")
     args = parser.parse_args(argv)
 
@@ -725,7 +741,9 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 cfg = mode_config(args, modes[name], batch, data, tmp / f"run-{name}")
                 try:
-                    results.append(run_mode(cfg, modes[name], dist, clock, warmup, steps))
+                    results.append(run_mode(cfg, modes[name], dist, clock, warmup, steps,
+                                            profile=args.profile if name in args.profile_modes.split(",") else 0,
+                                            profile_prefix=out.with_name(f"{out.stem}-profile")))
                 except Exception as error:  # noqa: BLE001 - one broken path must not hide the others
                     reason = f"{type(error).__name__}: {error}".splitlines()[0][:300]
                     results.append({"mode": name, "overrides": modes[name].overrides, "error": reason})

@@ -234,6 +234,10 @@ class TrainConfig:
     # a checkpoint, named in checkpoints/best.json and never deleted by keep_checkpoints. "": off.
     best_metric: str = ""
     best_mode: str = "max"
+    # [first, last]: profile these optimiser steps (torch.profiler, CPU and CUDA activity) into
+    # profile_rank<R>.json.gz (a Perfetto / chrome://tracing trace) and profile_rank<R>.txt (ops
+    # by self time) in output_dir. []: off.
+    profile_steps: list[int] = field(default_factory=list)
     # Evaluate on data.val (or the synthetic set's val split) every this many steps and at the
     # end, into eval.jsonl: the task's report (VQA accuracy, NLVR2 accuracy, retrieval recall) or,
     # for pre-training, MLM/ITM loss and accuracy on the val captions. 0: never. eval_records > 0
@@ -268,6 +272,10 @@ class TrainConfig:
         if self.seed < 0:
             raise ConfigError(f"train.seed must be >= 0, got {self.seed}")
         _choice(self, "best_mode", ("max", "min"))
+        if self.profile_steps and not (len(self.profile_steps) == 2
+                                       and 1 <= self.profile_steps[0] <= self.profile_steps[1] <= self.max_steps):
+            raise ConfigError(f"train.profile_steps must be [first, last] with 1 <= first <= last <= "
+                              f"train.max_steps, got {self.profile_steps}")
         for key in ("save_every", "keep_checkpoints", "eval_every", "eval_records"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")

@@ -60,7 +60,7 @@ def test_zero3_two_ranks_hold_half_the_state_of_one(tmp_path, synthetic_dir):
 def test_quick_benchmark_writes_every_mode(tmp_path):
     out, table = tmp_path / "throughput.json", tmp_path / "throughput.csv"
     result = run_python(["benchmarks/throughput.py", "--quick", "--steps", "2", "--warmup", "1", "--images", "24",
-                         "--out", str(out), "--csv", str(table)], clean_env(OMP_NUM_THREADS="1"), 600)
+                         "--out", str(out), "--csv", str(table), "--profile", "1"], clean_env(OMP_NUM_THREADS="1"), 600)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     print(result.stdout[-4000:])
     report = json.loads(out.read_text())
@@ -79,6 +79,9 @@ def test_quick_benchmark_writes_every_mode(tmp_path):
     assert [row["mode"] for row in rows] == list(ALL_MODES)
     assert all(row["device"] and row["commit"] and float(row["samples_per_s"]) > 0 for row in rows)
     assert out.with_suffix(".png").stat().st_size > 0
+    # --profile: one more, untimed step of the engine mode only, as a trace and a table
+    assert sorted(p.name for p in tmp_path.glob("*profile*")) == ["throughput-profile-engine.json.gz",
+                                                                 "throughput-profile-engine.txt"]
 
 
 def test_max_batch_search_finds_the_boundary():

@@ -317,6 +317,21 @@ def test_deepspeed_monitor_gets_the_logged_metrics(tmp_path, synthetic_dir):
     assert len(column("Train_Samples_lr")) == 3  # DeepSpeed's own event, one per optimiser step
 
 
+def test_profile_steps_write_a_trace_and_a_table(tmp_path, synthetic_dir):
+    """train.profile_steps=[2, 3]: a Chrome/Perfetto trace of those steps (the forward, backward
+    and optimiser ops, step 1's warm-up left out) and the ops table."""
+    import gzip
+    run = tmp_path / "run"
+    run_train(run, synthetic_dir, SMALL + ["train.max_steps=3", "data.num_workers=0", "train.profile_steps=[2, 3]",
+                                           "deepspeed.train_micro_batch_size_per_gpu=4"])
+    trace = json.loads(gzip.decompress((run / "profile_rank0.json.gz").read_bytes()))
+    names = {event.get("name", "") for event in trace["traceEvents"]}
+    assert {"aten::addmm", "aten::convolution_backward"} <= names  # encoder forward, CNN backward
+    assert any(name.startswith("Optimizer.step") or "fused" in name or "foreach" in name for name in names)
+    table = (run / "profile_rank0.txt").read_text()
+    assert table.startswith("steps 2-3, sorted by self_cpu_time_total") and "Self CPU" in table
+
+
 def test_missing_data_names_the_path_and_the_synthetic_fallback(tmp_path, synthetic_dir):
     missing = tmp_path / "nowhere" / "captions_train2014.json"
     source = json.dumps([{"format": "coco_captions", "annotations": str(missing), "images": str(tmp_path)}])

@@ -24,6 +24,7 @@ from pixelbert.engine.eval_setup import EvalSetup, eval_decoder
 from pixelbert.engine.evaluator import evaluate, read_eval_records
 from pixelbert.engine.metrics import JsonlLog, MetricsWindow, monitor_events
 from pixelbert.engine.optim import build_optimizer, build_scheduler
+from pixelbert.engine.profiling import StepProfiler
 from pixelbert.engine.weights import load_weights
 from pixelbert.model.tasks import build_model
 
@@ -215,6 +216,8 @@ def train(cfg: Config) -> dict:
     stop_step = cfg.train.stop_at_step or cfg.train.max_steps
     window = MetricsWindow(dist.device)
     grad_norms: list[torch.Tensor] = []  # one per optimiser step since the last log line
+    profiler = StepProfiler(*cfg.train.profile_steps, output_dir, f"profile_rank{dist.rank}",
+                            dist.device.type == "cuda") if cfg.train.profile_steps else None
     window_start = time.perf_counter()
     last: dict = {}
     engine.train()
@@ -222,6 +225,8 @@ def train(cfg: Config) -> dict:
                     desc=cfg.train.task, dynamic_ncols=True)
     try:  # the loader workers end with the loop, also on an error
         for step in range(start_step + 1, stop_step + 1):
+            if profiler:
+                profiler.before(step)
             rates = learning_rates(optimizer)  # the rates this step's update uses
             for micro in range(accum):
                 batch, stats = next(batches)
@@ -238,6 +243,8 @@ def train(cfg: Config) -> dict:
             step_norm = own_norm if own_norm is not None else engine.get_global_grad_norm()
             if step_norm is not None:
                 grad_norms.append(torch.as_tensor(step_norm, dtype=torch.float64))
+            if profiler:
+                profiler.after(step)
             progress.update(1)
             if step % cfg.train.log_every == 0 or step == stop_step:
                 elapsed = time.perf_counter() - window_start
@@ -276,6 +283,10 @@ def train(cfg: Config) -> dict:
                 if new_best:
                     log(dist, f"best validation so far ({best.metric} {best.value:.4f}): {saved}")
     finally:
+        if profiler:
+            profiler.close()
+            if profiler.written:
+                log(dist, f"profile of steps {profiler.first}-{profiler.last}: {', '.join(map(str, profiler.written))}")
         progress.close()
         batches.close()
     skipped, attempts = skips.totals(all_reduce_sum, dist.device)
