@@ -72,6 +72,13 @@ def test_two_ranks_zero1_2_3_match_one_rank(tmp_path, synthetic_dir):
             assert losses(two, key) == pytest.approx(losses(one, key), rel=1e-4, abs=1e-5), (stage, key)
         assert losses(two, "mlm_acc") == losses(one, "mlm_acc")
         validations[stage] = eval_lines(tmp_path / f"zero{stage}")
+    # ZeRO-Offload: the optimiser steps the CPU partitions with the engine's own kernels.
+    offloaded = run_train(tmp_path / "offload", synthetic_dir, common + [
+        "deepspeed.train_micro_batch_size_per_gpu=4", "deepspeed.gradient_accumulation_steps=1",
+        "deepspeed.zero_optimization.stage=2", 'deepspeed.zero_optimization.offload_optimizer={"device": "cpu"}'],
+        ranks=2)
+    for key in ("loss", "mlm_loss", "itm_loss", "grad_norm"):
+        assert losses(offloaded, key) == pytest.approx(losses(one, key), rel=1e-4, abs=1e-5), ("offload", key)
     # The 20 val captions' 5 images make three batches, two on rank 0 and one on rank 1.
     for stage in (1, 2):
         assert list(validations[stage]) == list(validations[3]) == [2, 4]

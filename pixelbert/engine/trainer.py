@@ -36,7 +36,18 @@ def deepspeed_config(cfg: Config) -> dict:
     # accepts optimisers it does not know when told so.
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10 ** 9)  # the engine logs; keep DeepSpeed's own log quiet
+    if optimizer_offloaded(ds):
+        # ZeRO-Offload steps the optimiser on the CPU partitions. DeepSpeed refuses a client
+        # optimiser there unless told; SGDAdamW then runs torch's foreach kernels on the CPU
+        # (DeepSpeedCPUAdam has no SGD for the CNN's part).
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)
     return ds
+
+
+def optimizer_offloaded(ds: dict) -> bool:
+    """Whether the `deepspeed` section offloads the optimiser state (ZeRO-Offload, CPU or NVMe)."""
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") not in ("none", None)
 
 
 def seed_everything(seed: int) -> None:
@@ -188,6 +199,9 @@ def train(cfg: Config) -> dict:
         log(dist, "warning: model.frozen_bn without model.backbone_weights trains a CNN with no "
                   "normalisation at all; give ImageNet weights or set model.frozen_bn=false")
     log(dist, attention_plan(cfg, dist.device, training_dtype(cfg)))
+    if optimizer_offloaded(cfg.deepspeed):
+        log(dist, "ZeRO-Offload: the optimiser step (SGD for the CNN, AdamW for the rest) runs on the CPU "
+                  "with torch's foreach kernels, not DeepSpeed's CPUAdam")
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     float_dtype = training_dtype(cfg)
