@@ -196,8 +196,11 @@ def test_vqa_annotation_layout(synth):
         assert a["answer_type"] in ("yes/no", "number", "other")
 
 
-def test_vqa_test_split_without_annotations(tmp_path):
-    questions = write(tmp_path / "q.json", {"data_subtype": "test2015", "questions": [
+@pytest.mark.parametrize("subtype", ["test2015", "test-dev2015"])
+def test_vqa_test_split_without_annotations(tmp_path, subtype):
+    # test-dev's questions (data_subtype "test-dev2015") are on a subset of the test2015 images,
+    # which keep their COCO_test2015_ names.
+    questions = write(tmp_path / "q.json", {"data_subtype": subtype, "questions": [
         {"image_id": 1, "question": " what is it? ", "question_id": 1000},
         {"image_id": 262144, "question": "", "question_id": 262144000}]})
     for no_annotations in (None, ""):

@@ -130,11 +130,12 @@ def read_vqa(questions: str | Path, annotations_or_None: Optional[str | Path],
 
     `answers` are the ten annotators' answers in order (None when `annotations_or_None` is None
     or "", as for the test split). Images are COCO-named:
-    `images / COCO_{data_subtype}_{image_id:012d}.jpg`.
+    `images / COCO_{data_subtype}_{image_id:012d}.jpg`, except that test-dev's questions
+    ("test-dev2015") are on test2015 images, named so.
     """
     questions, images = Path(questions), Path(images)
     raw = _top(read_json(questions), questions, "VQA questions", ("data_subtype", "questions"))
-    subtype = raw["data_subtype"]
+    subtype = "test2015" if raw["data_subtype"] == "test-dev2015" else raw["data_subtype"]
     answers: Optional[dict[int, list[str]]] = None
     if annotations_or_None:
         annotations = Path(annotations_or_None)
