@@ -35,7 +35,7 @@ from pixelbert.data.skips import SkipCounter
 from pixelbert.data.tasks import TaskDataset, collate_task
 from pixelbert.engine.data import caption_records, read_task_records, task_sources, with_text
 from pixelbert.engine.distributed import DistInfo, gather_objects
-from pixelbert.engine.eval_setup import EvalSetup, check_readable, eval_decoder
+from pixelbert.engine.eval_setup import EvalSetup, check_readable
 from pixelbert.engine.metrics import MetricsWindow, window_means
 from pixelbert.engine.retrieval_eval import evaluate_retrieval
 from pixelbert.fileio import write_atomic
