@@ -255,8 +255,8 @@ def train(cfg: Config) -> dict:
                     own_norm = plain_grad_norm(engine)
                 engine.step()
             step_norm = own_norm if own_norm is not None else engine.get_global_grad_norm()
-            if step_norm is not None:
-                grad_norms.append(torch.as_tensor(step_norm, dtype=torch.float64))
+            if step_norm is not None:  # a device tensor, or a float (inf on an fp16 overflow): no sync here
+                grad_norms.append(torch.as_tensor(step_norm, dtype=torch.float64, device=dist.device))
             if profiler:
                 profiler.after(step)
             progress.update(1)
