@@ -55,7 +55,7 @@ def save(engine, directory: str | Path, step: int, dist: DistInfo, client_state:
         if best is not None:
             write_atomic(directory / BEST, json.dumps({"tag": tag, "step": step, **best}))
     barrier()
-    if keep and dist.local_rank == 0:  # one rank per node: node-local disks hold their own shards
+    if keep and dist.is_main:  # the folder is shared by all ranks, as resuming from it requires
         prune(directory, keep)
     return directory / tag
 
@@ -68,10 +68,7 @@ def prune(directory: Path, keep: int) -> list[str]:
     doomed = [t for t in tags[:-keep] if t not in kept]
     for tag in doomed:
         trash = directory / f".deleting-{tag}"
-        try:
-            (directory / tag).rename(trash)
-        except FileNotFoundError:  # another node's rank deleted it (a shared file system)
-            continue
+        (directory / tag).rename(trash)
         shutil.rmtree(trash, ignore_errors=True)
     return doomed
 
