@@ -4,6 +4,7 @@ Each run is a subprocess (`deepspeed` launcher or plain `python`) on the CPU wit
 user would start it.
 """
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -301,27 +302,49 @@ def test_bf16_zero2_channels_last_trains(tmp_path, synthetic_dir):
     assert 1.0 < validation["mlm_loss"] < 20.0 and 0.0 <= validation["itm_acc"] <= 1.0
 
 
-def test_deepspeed_monitor_gets_the_logged_metrics(tmp_path, synthetic_dir):
+def test_deepspeed_monitors_get_the_logged_metrics_and_resume_without_repeats(tmp_path, synthetic_dir):
     """A `deepspeed` section that enables a monitor (TensorBoard, W&B, Comet, CSV) receives every
-    number of metrics.jsonl and eval.jsonl, as Train/<key> and Eval/<key> at the step; the CSV
-    backend shows it without extra packages."""
-    monitor = tmp_path / "monitor"
-    run = tmp_path / "run"
-    records = run_train(run, synthetic_dir, SMALL + [
-        "train.max_steps=3", "data.num_workers=0", "deepspeed.train_micro_batch_size_per_gpu=4",
-        "train.eval_every=3", "train.eval_records=8",
-        f'deepspeed.csv_monitor={{"enabled": true, "output_path": "{monitor}", "job_name": "job"}}'])
+    number of metrics.jsonl and eval.jsonl, as Train/<key> and Eval/<key> at the step. After a
+    resume, the CSV and TensorBoard files hold each step once, as an uninterrupted run's do:
+    the steps logged past the checkpoint (and DeepSpeed's own events past its sample count) are
+    cut, and the CSV header is not repeated."""
+    from tests.test_monitors import tensorboard_scalars
 
-    def column(name: str) -> list[tuple[int, float]]:
-        rows = (monitor / "job" / f"{name}.csv").read_text().splitlines()[1:]
-        return [(int(step), float(value)) for step, value in (row.split(",") for row in rows)]
+    def monitors(run: Path) -> list[str]:
+        folder = run / "monitor"
+        return [f'deepspeed.csv_monitor={{"enabled": true, "output_path": "{folder}", "job_name": "job"}}',
+                f'deepspeed.tensorboard={{"enabled": true, "output_path": "{folder}", "job_name": "tb"}}']
 
-    for key in ("loss", "mlm_loss", "itm_acc", "lr", "samples_per_s"):
-        assert column(f"Train_{key}") == [(r["step"], pytest.approx(r[key])) for r in records], key
-    validation = eval_lines(run)[3]
+    def column(run: Path, name: str) -> list[tuple[int, float]]:
+        rows = (run / "monitor" / "job" / f"{name}.csv").read_text().splitlines()
+        assert rows[0].startswith("step,") and rows.count(rows[0]) == 1, rows  # one header
+        return [(int(step), float(value)) for step, value in (row.split(",") for row in rows[1:])]
+
+    common = SMALL + ["train.max_steps=4", "train.save_every=2", "data.num_workers=0",
+                      "deepspeed.train_micro_batch_size_per_gpu=4", "train.eval_every=2", "train.eval_records=8"]
+    straight = tmp_path / "straight"
+    records = run_train(straight, synthetic_dir, common + monitors(straight))
+    for key in ("loss", "mlm_loss", "itm_acc", "lr", "samples_per_s", "grad_norm"):
+        assert column(straight, f"Train_{key}") == [(r["step"], pytest.approx(r[key])) for r in records], key
+    validation = eval_lines(straight)
     for key in ("mlm_loss", "itm_acc"):
-        assert column(f"Eval_{key}") == [(3, pytest.approx(validation[key]))], key
-    assert len(column("Train_Samples_lr")) == 3  # DeepSpeed's own event, one per optimiser step
+        assert column(straight, f"Eval_{key}") == [(s, pytest.approx(validation[s][key])) for s in (2, 4)], key
+    assert [s for s, _ in column(straight, "Train_Samples_lr")] == [4, 8, 12, 16]  # DeepSpeed's own, by samples
+
+    # Interrupted after logging step 3 (and validating there) but before its checkpoint completed.
+    interrupted = tmp_path / "interrupted"
+    run_train(interrupted, synthetic_dir, common + monitors(interrupted) + ["train.stop_at_step=3"])
+    shutil.rmtree(interrupted / "checkpoints" / "step_3")
+    (interrupted / "checkpoints" / "latest").write_text("step_2")
+    run_train(interrupted, synthetic_dir, common + monitors(interrupted) + ["train.resume=true"])
+    for name in ("Train_loss", "Train_mlm_loss", "Train_itm_acc", "Train_lr", "Eval_mlm_loss", "Train_Samples_lr"):
+        assert column(interrupted, name) == [(s, pytest.approx(v, rel=1e-6, abs=1e-7))
+                                             for s, v in column(straight, name)], name
+    straight_tb, resumed_tb = (tensorboard_scalars(run / "monitor" / "tb") for run in (straight, interrupted))
+    assert set(resumed_tb) == set(straight_tb) and "Train/Samples/lr" in resumed_tb
+    for tag in straight_tb:
+        assert [s for s, _ in resumed_tb[tag]] == [s for s, _ in straight_tb[tag]], tag
+    assert [v for _, v in resumed_tb["Train/loss"]] == [pytest.approx(v, rel=1e-6) for _, v in straight_tb["Train/loss"]]
 
 
 def test_profile_steps_write_a_trace_and_a_table(tmp_path, synthetic_dir):

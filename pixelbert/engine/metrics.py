@@ -86,17 +86,3 @@ class JsonlLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-
-def monitor_events(group: str, record: dict, step: int) -> list[tuple[str, float, int]]:
-    """A log line's numbers as DeepSpeed Monitor events `(group/key, value, step)`, for the
-    TensorBoard, W&B, Comet or CSV backends the `deepspeed` section enables. A nested dict (the
-    skip counts, retrieval's folds) gives `group/key/inner`; lists and text are left out."""
-    events = []
-    for key, value in record.items():
-        if key == "step" or isinstance(value, bool):
-            continue
-        if isinstance(value, (int, float)):
-            events.append((f"{group}/{key}", float(value), step))
-        elif isinstance(value, dict):
-            events.extend(monitor_events(f"{group}/{key}", value, step))
-    return events

@@ -22,7 +22,8 @@ from pixelbert.engine.data import build_training_data
 from pixelbert.engine.distributed import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed, log
 from pixelbert.engine.eval_setup import EvalSetup, eval_decoder
 from pixelbert.engine.evaluator import evaluate, read_eval_records
-from pixelbert.engine.metrics import JsonlLog, MetricsWindow, monitor_events
+from pixelbert.engine.metrics import JsonlLog, MetricsWindow
+from pixelbert.engine.monitors import RunPosition, cut_back_monitors, monitor_events
 from pixelbert.engine.optim import build_optimizer, build_scheduler
 from pixelbert.engine.profiling import StepProfiler
 from pixelbert.engine.weights import load_weights
@@ -221,6 +222,10 @@ def train(cfg: Config) -> dict:
             log(dist, f"resumed from {ckpt_dir} at step {start_step}")
     metrics_log = JsonlLog(output_dir / "metrics.jsonl", start_step if cfg.train.resume else None) \
         if dist.is_main else None
+    if engine.monitor.enabled and dist.is_main:  # rank 0 writes the monitors' files
+        for folder, dropped in cut_back_monitors(engine.monitor, RunPosition(start_step, engine.global_samples)).items():
+            if dropped:
+                log(dist, f"monitor: dropped {dropped} events logged past step {start_step} from {folder}")
 
     validation = Validation(cfg, data, dist, float_dtype, start_step) if cfg.train.eval_every else None
     best = BestValidation(cfg, ckpt_dir) if cfg.train.best_metric else None
