@@ -290,6 +290,22 @@ def mode_config(args, mode: Mode, batch: int, data: dict, out_dir: Path) -> Conf
         *mode.overrides, *args.override])
 
 
+def training_step(engine, batch: dict, autocast, flop_counter=contextlib.nullcontext(),
+                  mark=lambda key: None) -> dict:
+    """One step as the trainer takes it: forward (under `autocast`), backward, optimiser step.
+    `mark(key)` is called after each (`forward_end`, `backward_end`, `step_end`); the FLOP
+    counter sees the forward and backward only."""
+    with flop_counter:
+        with autocast:
+            out = engine(batch)
+        mark("forward_end")
+        engine.backward(out["loss"])
+    mark("backward_end")
+    engine.step()
+    mark("step_end")
+    return out
+
+
 def run_mode(cfg: Config, mode: Mode, dist, clock: Clock, warmup: int, steps: int,
              count_flops: bool = True, profile: int = 0, profile_prefix: Path | None = None) -> dict:
     """Build the engine as the trainer does and time `steps` real steps after `warmup`; then,
@@ -345,24 +361,17 @@ def run_mode(cfg: Config, mode: Mode, dist, clock: Clock, warmup: int, steps: in
             marks.clear()
             counting = i == 0 and count_flops and mode.flops_from is None
             counter = FlopCounterMode(display=False) if counting else contextlib.nullcontext()
-            start = clock.mark()
-            with counter:
-                with autocast:
-                    out = engine(batch)
-                forward_end = clock.mark()
-                engine.backward(out["loss"])
-            backward_end = clock.mark()
-            engine.step()
-            step_end = clock.mark()
+            step_marks = {"start": clock.mark()}
+            out = training_step(engine, batch, autocast, counter,
+                                mark=lambda key: step_marks.__setitem__(key, clock.mark()))
             if counting:
                 flops = counter.get_total_flops()
-            records.append({"previous_end": previous_end, "start": start, "forward_end": forward_end,
-                            "backward_end": backward_end, "step_end": step_end, "wait_s": waited,
+            records.append({"previous_end": previous_end, **step_marks, "wait_s": waited,
                             "backbone": (marks.get("backbone_start"), marks.get("backbone_end")),
                             "pairs": len(batch["input_ids"]), "images": stats["images"],
                             "text_tokens": batch["attention_mask"].sum(),
                             "pixel_tokens": pixel_token_count(model, batch), "loss": out["loss"].detach()})
-            previous_end = step_end
+            previous_end = step_marks["step_end"]
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - wall_start
@@ -371,11 +380,7 @@ def run_mode(cfg: Config, mode: Mode, dist, clock: Clock, warmup: int, steps: in
             profiler = StepProfiler(1, profile, profile_prefix.parent, f"{profile_prefix.name}-{mode.name}", cuda)
             for k in range(1, profile + 1):
                 profiler.before(k)
-                batch, _ = next(batches)
-                with autocast:
-                    out = engine(batch)
-                engine.backward(out["loss"])
-                engine.step()
+                training_step(engine, next(batches)[0], autocast)
                 profiler.after(k)
             print(f"  {mode.name}: profile of {profile} steps in {', '.join(map(str, profiler.written))}", flush=True)
     finally:
