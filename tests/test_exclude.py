@@ -93,3 +93,29 @@ def test_exclude_needs_coco_ids(files):
                  f'data.train=[{source(format="coco_captions", annotations=files["coco"], images=files["root"])}]')
     with pytest.raises(ValueError, match=r"names no COCO image"):
         caption_records(cfg, "train", DIST)
+
+
+def test_synthetic_set_holds_out_its_karpathy_test_images_from_coco_and_vg(tmp_path):
+    """Pre-training on all of the synthetic set's COCO captions and VG regions (train and val)
+    with its Karpathy test split held out: exactly the test images leave both, VG's through its
+    own ids and image_data.json."""
+    from pixelbert.data import synthetic
+    from pixelbert.data.formats import read_karpathy
+    root = tmp_path / "synthetic"
+    synthetic.generate(root, num_images=40, seed=3, val_fraction=0.25)
+    ann = root / "annotations"
+    test_ids = {r.coco_id for r in read_karpathy(ann / "dataset_synthetic.json", root, "test")}
+    assert len(test_ids) == 5
+    sources = [source(format="coco_captions", annotations=str(ann / f"captions_{split}.json"), images=str(root / "images"))
+               for split in ("train", "val")]
+    sources += [source(format="vg_regions", annotations=str(ann / f"region_descriptions_{split}.json"),
+                       images=str(root / "vg"), image_data=str(ann / "image_data.json")) for split in ("train", "val")]
+    train = f"data.train=[{', '.join(sources)}]"
+    held_out = f'data.exclude=[{source(format="karpathy", annotations=str(ann / "dataset_synthetic.json"), split="test")}]'
+    files = {"root": str(tmp_path)}
+    everything = caption_records(config(files, train), "train", DIST)
+    kept = caption_records(config(files, train, held_out), "train", DIST)
+    for before, after in zip(everything, kept):
+        assert [r for r in before if r.coco_id not in test_ids] == after
+    assert [{r.coco_id for r in records} & test_ids for records in everything] == [set(), test_ids, set(), test_ids]
+    assert all(r.image_id != r.coco_id for r in kept[2] + kept[3])  # VG's numbering, mapped back

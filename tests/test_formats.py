@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pixelbert.data import synthetic
+from pixelbert.data.synthetic import VG_ID_OFFSET
 from pixelbert.data.formats import (read_coco_captions, read_karpathy, read_nlvr2, read_vg_regions,
                                     read_vqa)
 
@@ -65,15 +66,18 @@ def test_vg_regions_synthetic(synth):
     for split in ("train", "val"):
         scenes = scenes_of(synth, split)
         raw = json.loads(ann(synth, f"region_descriptions_{split}.json").read_text())
-        records = read_vg_regions(ann(synth, f"region_descriptions_{split}.json"), synth / "vg")
+        records = read_vg_regions(ann(synth, f"region_descriptions_{split}.json"), synth / "vg",
+                                  ann(synth, "image_data.json"))
         assert [r.text for r in records] == [g["phrase"] for e in raw for g in e["regions"]]
-        assert {r.image_id for r in records} == set(scenes)
+        # VG numbers its images apart from COCO; image_data.json gives each its COCO id
+        assert {r.coco_id for r in records} == set(scenes)
+        assert all(r.image_id == r.coco_id + VG_ID_OFFSET for r in records)
         for r in records:
             assert r.image == str(synth / "vg" / f"{r.image_id}.jpg")
-            original = synth / "images" / scenes[r.image_id].file_name
+            original = synth / "images" / scenes[r.coco_id].file_name
             assert Path(r.image).read_bytes() == original.read_bytes()
         for entry in raw:
-            shapes = scenes[entry["id"]].shapes
+            shapes = scenes[entry["id"] - VG_ID_OFFSET].shapes
             assert len(entry["regions"]) == len(shapes) + (len(shapes) >= 2)
             for region, s in zip(entry["regions"], shapes):  # one region per shape, then a relation
                 assert region["image_id"] == entry["id"]
@@ -441,7 +445,7 @@ def test_generation_is_deterministic(synth, tmp_path):
     other = synthetic.generate(tmp_path / "other", NUM_IMAGES, SEED + 1)
     names = sorted(p.name for p in (synth / "annotations").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "same" / "annotations").iterdir())
-    assert len(names) == 13
+    assert len(names) == 14
     for name in names:
         data = (synth / "annotations" / name).read_bytes()
         assert data == (tmp_path / "same" / "annotations" / name).read_bytes(), name
@@ -459,7 +463,7 @@ def test_every_written_path_is_returned_and_regeneration_leaves_no_stale_links(t
     assert {p.name for p in paths.values() if p.parent.name == "annotations"} == \
         {p.name for p in (tmp_path / "annotations").iterdir()}
     synthetic.generate(tmp_path, 8, 1, val_fraction=0.25)
-    assert {p.name for p in (tmp_path / "vg").iterdir()} == {f"{i}.jpg" for i in range(1, 9)}
+    assert {p.name for p in (tmp_path / "vg").iterdir()} == {f"{i + VG_ID_OFFSET}.jpg" for i in range(1, 9)}
     rows = [json.loads(x) for x in (tmp_path / "annotations" / "nlvr2_train.jsonl").read_text().splitlines()]
     folder = tmp_path / "nlvr2" / "train"
     linked = {p.relative_to(folder) for p in folder.rglob("*.png")}

@@ -8,7 +8,9 @@ writes, for each split (`train`, `val`: the last F of the image ids):
     DIR/annotations/captions_{split}.json         COCO captions (5 per image)
     DIR/annotations/scenes_{split}.json           the ground truth of every drawn scene
     DIR/annotations/region_descriptions_{split}.json   Visual Genome regions (shape boxes)
-    DIR/vg/{id}.jpg                               the VG image folder (links to images/)
+    DIR/vg/{vg_id}.jpg                            the VG image folder (links to images/); VG
+                                                  numbers images its own way: vg_id = id + VG_ID_OFFSET
+    DIR/annotations/image_data.json               VG's image list, each with its coco_id
     DIR/annotations/vqa_questions_{split}.json    VQA v2 questions ...
     DIR/annotations/vqa_annotations_{split}.json  ... and their ten answers
     DIR/annotations/nlvr2_{split}.jsonl           NLVR2 statements about image pairs
@@ -47,7 +49,9 @@ from pixelbert.fileio import write_atomic
 from .formats import read_json, write_json
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2  # bump when drawing, texts or layout change, so cached sets are regenerated
+# Visual Genome's image ids differ from COCO's; its image_data.json maps them (data.exclude needs it).
+VG_ID_OFFSET = 1_000_000
+FORMAT_VERSION = 3  # bump when drawing, texts or layout change, so cached sets are regenerated
 CAPTIONS_PER_IMAGE = 5
 SIDE_RANGE = (160, 400)  # width and height drawn independently: portrait and landscape
 JPEG_QUALITY = 90
@@ -504,7 +508,7 @@ def generate(out_dir: str | Path, num_images: int, seed: int, val_fraction: floa
         shutil.rmtree(linked, ignore_errors=True)
     vg_dir.mkdir()
     paths: dict[str, Path] = {"images": image_dir, "vg_images": vg_dir, "nlvr2_images": out_dir / "nlvr2"}
-    karpathy, sentence_id = [], 0
+    karpathy, vg_image_data, sentence_id = [], [], 0
     for split, ids in split_ids(num_images, val_fraction).items():
         images, captions, scenes, regions, questions, answers = [], [], [], [], [], []
         drawn_scenes = []
@@ -512,7 +516,10 @@ def generate(out_dir: str | Path, num_images: int, seed: int, val_fraction: floa
             drawn = _make_image(seed, image_id)
             scene = drawn.scene
             (image_dir / scene.file_name).write_bytes(drawn.jpeg)
-            _link(image_dir / scene.file_name, vg_dir / f"{image_id}.jpg")
+            vg_id = image_id + VG_ID_OFFSET
+            _link(image_dir / scene.file_name, vg_dir / f"{vg_id}.jpg")
+            vg_image_data.append({"image_id": vg_id, "coco_id": image_id, "flickr_id": None,
+                                  "width": scene.width, "height": scene.height, "url": f"vg/{vg_id}.jpg"})
             images.append({"id": image_id, "file_name": scene.file_name,
                            "height": scene.height, "width": scene.width})
             for k, caption in enumerate(drawn.captions):  # ids unique across splits, as in COCO
@@ -520,8 +527,8 @@ def generate(out_dir: str | Path, num_images: int, seed: int, val_fraction: floa
                                  "image_id": image_id, "caption": caption})
             scenes.append(asdict(scene))
             drawn_scenes.append(scene)
-            regions.append({"id": image_id, "regions": [
-                {"region_id": (image_id - 1) * 4 + k + 1, "image_id": image_id, "phrase": phrase,
+            regions.append({"id": vg_id, "regions": [
+                {"region_id": (image_id - 1) * 4 + k + 1, "image_id": vg_id, "phrase": phrase,
                  **_vg_box(box)} for k, (phrase, box) in enumerate(drawn.regions)]})
             for k, q in enumerate(drawn.questions):
                 question_id = image_id * 1000 + k  # VQA's numbering
@@ -561,6 +568,8 @@ def generate(out_dir: str | Path, num_images: int, seed: int, val_fraction: floa
         write_atomic(paths[f"nlvr2_{split}"],
                      "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in nlvr2))
         _nlvr2_links(out_dir, nlvr2)
+    paths["vg_image_data"] = ann_dir / "image_data.json"
+    write_json(paths["vg_image_data"], vg_image_data)
     paths["karpathy"] = ann_dir / "dataset_synthetic.json"
     write_json(paths["karpathy"], {"images": karpathy, "dataset": "synthetic"})
     _remove_stale_images(image_dir, num_images)
