@@ -218,3 +218,29 @@ def test_head_init_fan_in():
     assert vqa.vqa_head[3].weight.std().item() == pytest.approx(512 ** -0.5, rel=0.2)
     nlvr2 = PixelBertForNLVR2(tiny_config(hidden_size=256, num_attention_heads=4, head_init="fan_in"))
     assert nlvr2.nlvr2_head[0].weight.std().item() == pytest.approx(512 ** -0.5, rel=0.1)
+
+
+def test_init_from_wins_over_the_bert_checkpoint(tmp_path):
+    """A fine-tuning run whose config still names BERT (as a pre-training config does) starts
+    from the pre-trained Pixel-BERT: task.init_from loads over the BERT checkpoint, which only
+    fills what init_from lacks."""
+    from pixelbert.engine.weights import load_initial_weights
+    torch.manual_seed(2)
+    transformers.BertModel(transformers.BertConfig(**BERT_DIMS)).save_pretrained(tmp_path / "bert")
+    bert_only = PixelBert(tiny_config())
+    bert_only.load_bert_checkpoint(str(tmp_path / "bert"))
+    torch.manual_seed(3)
+    pretrained = PixelBert(tiny_config()).state_dict()
+    query, value = "encoder.layer.0.attention.self.query.weight", "encoder.layer.1.attention.self.value.weight"
+    del pretrained[value]  # a tensor the pre-trained run lacks: BERT's stays
+    torch.save(pretrained, tmp_path / "pretrained.pt")
+    said = []
+    model = PixelBert(tiny_config())
+    load_initial_weights(model, str(tmp_path / "bert"), str(tmp_path / "pretrained.pt"), said.append)
+    state, bert = model.state_dict(), bert_only.state_dict()
+    assert not torch.equal(pretrained[query], bert[query])
+    torch.testing.assert_close(state[query], pretrained[query], rtol=0, atol=0)
+    torch.testing.assert_close(state[value], bert[value], rtol=0, atol=0)
+    assert said[0].startswith(f"BERT checkpoint {tmp_path / 'bert'}")
+    assert said[1].startswith(f"initialised from {tmp_path / 'pretrained.pt'} (over the BERT checkpoint)")
+    assert value in said[1]  # listed as initialised here

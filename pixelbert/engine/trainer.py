@@ -26,7 +26,7 @@ from pixelbert.engine.metrics import JsonlLog, MetricsWindow
 from pixelbert.engine.monitors import RunPosition, cut_back_monitors, monitor_events
 from pixelbert.engine.optim import build_optimizer, build_scheduler
 from pixelbert.engine.profiling import StepProfiler
-from pixelbert.engine.weights import load_weights
+from pixelbert.engine.weights import load_initial_weights
 from pixelbert.model.tasks import build_model
 
 
@@ -187,15 +187,7 @@ def train(cfg: Config) -> dict:
     ops.set_default_backend(cfg.model.kernels)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank, whatever ran before
     model = build_model(cfg, len(data.answers.answers) if data.answers else None)
-    if cfg.task.init_from:
-        report = load_weights(model, cfg.task.init_from)
-        log(dist, f"initialised from {cfg.task.init_from}: {len(report.loaded)} tensors loaded; "
-                  f"new (initialised here): {report.initialised or 'none'}; "
-                  f"unused: {report.unused or 'none'}")
-    if cfg.model.bert_checkpoint:
-        report = model.load_bert_checkpoint(cfg.model.bert_checkpoint)
-        log(dist, f"BERT checkpoint {cfg.model.bert_checkpoint}: {len(report.loaded)} tensors loaded, "
-                  f"unused {report.unused or 'none'}, left at init {report.missing or 'none'}")
+    load_initial_weights(model, cfg.model.bert_checkpoint, cfg.task.init_from, lambda line: log(dist, line))
     if cfg.model.frozen_bn and not cfg.model.backbone_weights:
         log(dist, "warning: model.frozen_bn without model.backbone_weights trains a CNN with no "
                   "normalisation at all; give ImageNet weights or set model.frozen_bn=false")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -59,3 +60,21 @@ def load_weights(model: nn.Module, path: str | Path) -> WeightsReport:
     result = model.load_state_dict(state, strict=False)
     return WeightsReport(sorted(set(state) & set(own)), sorted(result.missing_keys),
                          sorted(result.unexpected_keys))
+
+
+def load_initial_weights(model, bert_checkpoint: Optional[str], init_from: Optional[str],
+                         say: Callable[[str], None]) -> None:
+    """The weights a training run starts from: the CNN's `model.backbone_weights` (loaded when
+    the model is built), then `model.bert_checkpoint` for the text side, then `task.init_from`
+    (a pre-trained Pixel-BERT run or weights file) over both. Each fills only what the later
+    ones lack, so a fine-tuning config that still names BERT and the ImageNet CNN keeps the
+    pre-trained model whole."""
+    if bert_checkpoint:
+        report = model.load_bert_checkpoint(bert_checkpoint)
+        say(f"BERT checkpoint {bert_checkpoint}: {len(report.loaded)} tensors loaded, "
+            f"unused {report.unused or 'none'}, left at init {report.missing or 'none'}")
+    if init_from:
+        report = load_weights(model, init_from)
+        say(f"initialised from {init_from}" + (" (over the BERT checkpoint)" if bert_checkpoint else "") +
+            f": {len(report.loaded)} tensors loaded; new (initialised here): {report.initialised or 'none'}; "
+            f"unused: {report.unused or 'none'}")
