@@ -352,6 +352,8 @@ class Config:
         self.data.validate()
         self.train.validate()
         self.task.validate()
+        if self.model.bert_checkpoint:
+            self.take_bert_vocabulary()
         if self.train.best_metric:
             if self.train.best_metric not in BEST_METRICS[self.train.task]:
                 raise ConfigError(f"train.best_metric={self.train.best_metric!r} is not a validation number of "
@@ -392,6 +394,25 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def take_bert_vocabulary(self) -> None:
+        """BERT's embeddings are indexed by its own vocabulary: without data.tokenizer, a
+        vocabulary trained on the captions would give every row a different word. Take the
+        checkpoint's `vocab.txt` then (recorded in the run's config.json), and check that its
+        `tokenizer_config.json` casing agrees with data.lowercase."""
+        checkpoint = Path(self.model.bert_checkpoint).expanduser()
+        folder = checkpoint if checkpoint.is_dir() or not checkpoint.suffix else checkpoint.parent
+        if not self.data.tokenizer:
+            if checkpoint.exists() and not (folder / "vocab.txt").is_file():
+                raise ConfigError(f"model.bert_checkpoint={self.model.bert_checkpoint}: no vocab.txt in {folder}; set "
+                                  "data.tokenizer to the BERT vocabulary (the checkpoint's embeddings follow its ids)")
+            self.data.tokenizer = str(folder)
+        settings = folder / "tokenizer_config.json"
+        if settings.is_file():
+            lower = json.loads(settings.read_text()).get("do_lower_case")
+            if lower is not None and bool(lower) != self.data.lowercase:
+                raise ConfigError(f"data.lowercase={self.data.lowercase} but the BERT checkpoint's tokenizer has "
+                                  f"do_lower_case={lower} ({settings}): set data.lowercase={str(bool(lower)).lower()}")
 
 
 def load_config(path: str | Path, overrides=()) -> Config:

@@ -91,3 +91,25 @@ def test_bad_override_syntax_and_json(tmp_path, config_file):
 def test_shipped_configs_load(name):
     cfg = load_config(f"configs/{name}.json")
     assert cfg.model.hidden_size % cfg.model.num_attention_heads == 0
+
+
+def test_bert_checkpoint_brings_its_vocabulary(tmp_path):
+    """BERT's embeddings follow its own token ids: without data.tokenizer the run takes the
+    checkpoint's vocab.txt (a vocabulary trained on the captions would scramble them)."""
+    bert = tmp_path / "bert-base-uncased"
+    bert.mkdir()
+    (bert / "model.safetensors").write_bytes(b"weights")
+    (bert / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\n")
+    assert load_config("configs/tiny.json", [f"model.bert_checkpoint={bert}"]).data.tokenizer == str(bert)
+    weights_file = load_config("configs/tiny.json", [f"model.bert_checkpoint={bert / 'model.safetensors'}"])
+    assert weights_file.data.tokenizer == str(bert)
+    own = tmp_path / "vocab.txt"
+    assert load_config("configs/tiny.json", [f"model.bert_checkpoint={bert}", f"data.tokenizer={own}"]).data.tokenizer \
+        == str(own)
+    (bert / "tokenizer_config.json").write_text('{"do_lower_case": false}')
+    with pytest.raises(ConfigError, match=r"data.lowercase=True but the BERT checkpoint's tokenizer has do_lower_case=False"):
+        load_config("configs/tiny.json", [f"model.bert_checkpoint={bert}"])
+    assert load_config("configs/tiny.json", [f"model.bert_checkpoint={bert}", "data.lowercase=false"]).data.lowercase is False
+    (bert / "vocab.txt").unlink()
+    with pytest.raises(ConfigError, match=r"no vocab.txt in .*bert-base-uncased; set data.tokenizer"):
+        load_config("configs/tiny.json", [f"model.bert_checkpoint={bert}", "data.lowercase=false"])
