@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pixelbert.data.dali_decode import DaliImageDecoder, dali_available  # noqa: E402
-from pixelbert.data.images import load_image, pad_images  # noqa: E402
+from pixelbert.data.images import IMAGENET_NORM, load_image, pad_images  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_csv, git_commit  # noqa: E402
 
@@ -77,7 +77,7 @@ class FileImages(Dataset):
         return self.limit
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return load_image(self.paths[index], self.shorter, self.longer)
+        return load_image(self.paths[index], self.shorter, self.longer, IMAGENET_NORM)
 
 
 def collate_padded(images: list[torch.Tensor], multiple: int):
@@ -105,7 +105,7 @@ def time_pil(paths, args, workers: int) -> float:
 
 
 def time_dali(paths, args, threads: int, device_id: int | None) -> float:
-    decoder = DaliImageDecoder(args.shorter, args.longer, args.pad_multiple, device_id=device_id,
+    decoder = DaliImageDecoder(args.shorter, args.longer, args.pad_multiple, norm=IMAGENET_NORM, device_id=device_id,
                                num_threads=threads, max_batch_size=args.batch)
     batches = [paths[i:i + args.batch] for i in range(0, len(paths), args.batch)]
 

@@ -595,7 +595,7 @@ def measure_latency(args, cfg: Config, data: dict, dist, repeats: int) -> dict:
     paths = sorted(Path(data["images"]).glob("*.jpg"))
 
     def prepare(path: Path) -> dict:
-        images, sizes = pad_images([load_image(path, cfg.data.image_shorter, cfg.data.image_longer)],
+        images, sizes = pad_images([load_image(path, cfg.data.image_shorter, cfg.data.image_longer, cfg.data.pixel_norm())],
                                    cfg.data.pad_multiple)
         ids = torch.tensor([tokenizer.encode(question, cfg.data.max_text_len)])
         batch = {"images": images.to(dtype), "image_sizes": sizes, "input_ids": ids,

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from pixelbert.data.images import IMAGENET_NORM, PixelNorm
+
 
 class ConfigError(ValueError):
     """A config key is unknown, of the wrong type, or holds an impossible value."""
@@ -162,6 +164,12 @@ class DataConfig:
     image_shorter: int = 800
     image_longer: int = 1333
     pad_multiple: int = 32  # padded batch sizes are multiples of this (the backbone stride)
+    # The CNN's input normalisation, (pixel - mean) / std per RGB channel on 0-255 pixels: what
+    # model.backbone_weights were trained with. Default: torchvision's ImageNet weights. Weights
+    # converted from Detectron (pixelbert.tools.convert_backbone) name theirs, and a mismatch
+    # stops the run.
+    pixel_mean: list[float] = field(default_factory=lambda: list(IMAGENET_NORM.mean))
+    pixel_std: list[float] = field(default_factory=lambda: list(IMAGENET_NORM.std))
     # "dali": decode + resize + normalise with NVIDIA DALI (GPU "mixed" decoding when a GPU is
     # used, CPU otherwise); "pil": PIL in the loader workers; "auto": DALI when installed.
     decoder: str = "auto"
@@ -182,6 +190,9 @@ class DataConfig:
     itm_negative_probability: float = 0.5
     num_workers: int = 2
     prefetch_factor: int = 2
+
+    def pixel_norm(self) -> PixelNorm:
+        return PixelNorm(tuple(self.pixel_mean), tuple(self.pixel_std))
 
     def validate(self) -> None:
         for name in ("train", "val", "exclude"):
@@ -214,6 +225,9 @@ class DataConfig:
                               f"data.image_shorter ({self.image_shorter})")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
+            raise ConfigError(f"data.pixel_mean and data.pixel_std are three numbers each (R, G, B; 0-255 "
+                              f"scale), std > 0; got {self.pixel_mean} and {self.pixel_std}")
         _probability(self, "mlm_probability", "itm_negative_probability")
 
 
@@ -354,6 +368,8 @@ class Config:
         self.task.validate()
         if self.model.bert_checkpoint:
             self.take_bert_vocabulary()
+        if self.model.backbone_weights:
+            self.check_backbone_input()
         if self.train.best_metric:
             if self.train.best_metric not in BEST_METRICS[self.train.task]:
                 raise ConfigError(f"train.best_metric={self.train.best_metric!r} is not a validation number of "
@@ -394,6 +410,27 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def check_backbone_input(self) -> None:
+        """Weights that name the input normalisation they were trained with (the safetensors
+        metadata pixelbert.tools.convert_backbone writes) must get it, and affine-normalised
+        ones (Detectron's) need frozen BatchNorm: either mismatch would train on wrong inputs."""
+        path = Path(self.model.backbone_weights).expanduser()
+        if path.suffix != ".safetensors" or not path.is_file():
+            return
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        for key in ("pixel_mean", "pixel_std"):
+            if key in metadata:
+                want = json.loads(metadata[key])
+                if any(abs(a - b) > 1e-3 for a, b in zip(want, getattr(self.data, key))):
+                    raise ConfigError(f"model.backbone_weights={path} was trained on inputs with {key} {want} "
+                                      f"(its metadata), but data.{key} is {getattr(self.data, key)}: set "
+                                      f"'data.{key}={json.dumps(want)}'")
+        if metadata.get("batch_norm") == "affine" and not self.model.frozen_bn:
+            raise ConfigError(f"model.backbone_weights={path} normalises with a fixed affine (Detectron's), "
+                              "not BatchNorm statistics: set model.frozen_bn=true")
 
     def take_bert_vocabulary(self) -> None:
         """BERT's embeddings are indexed by its own vocabulary: without data.tokenizer, a

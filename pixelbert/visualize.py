@@ -40,7 +40,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pixelbert.config import CAPTION_FORMATS, Config, load_config
 from pixelbert.data.errors import BadSample
-from pixelbert.data.images import IMAGENET_MEAN, IMAGENET_STD, load_image, pad_images
+from pixelbert.data.images import load_image, pad_images
 from pixelbert.data.tokenizer import CLS, PAD, SEP, VOCAB_FILE, TextTokenizer, run_tokenizer
 from pixelbert.fileio import write_atomic
 
@@ -102,7 +102,7 @@ def make_batch(image_path: str | Path, text: str, cfg: Config,
                tokenizer: TextTokenizer) -> tuple[dict, list[str], np.ndarray]:
     """The model batch of one pair, the token strings of its text sequence (`[CLS] ... [SEP]`),
     and the resized, unnormalised image as uint8 [h, w, 3]."""
-    image = load_image(image_path, cfg.data.image_shorter, cfg.data.image_longer)
+    image = load_image(image_path, cfg.data.image_shorter, cfg.data.image_longer, cfg.data.pixel_norm())
     images, sizes = pad_images([image], cfg.data.pad_multiple)
     ids = tokenizer.encode(text, cfg.data.max_text_len)
     # encode() keeps the first max_len - 2 pieces of the same WordPiece encoding tokenize() gives.
@@ -111,9 +111,7 @@ def make_batch(image_path: str | Path, text: str, cfg: Config,
     input_ids = torch.tensor([ids], dtype=torch.int64)
     batch = {"images": images, "image_sizes": sizes, "input_ids": input_ids,
              "attention_mask": torch.ones_like(input_ids), "token_type_ids": torch.zeros_like(input_ids)}
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
-    rgb = (image * std + mean).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    rgb = cfg.data.pixel_norm().undo(image).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     return batch, tokens, np.ascontiguousarray(rgb)
 
 

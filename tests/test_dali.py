@@ -12,10 +12,10 @@ from PIL import Image
 pytest.importorskip("nvidia.dali")
 
 from pixelbert.data.dali_decode import DaliImageDecoder, DecodedBatch, dali_available  # noqa: E402
-from pixelbert.data.images import IMAGENET_STD, load_image, pad_images  # noqa: E402
+from pixelbert.data.images import IMAGENET_NORM, PixelNorm, load_image, pad_images  # noqa: E402
 
 # One 8-bit level in normalised units, for the channel with the smallest std (the largest step).
-STEP = 1.0 / (255 * min(IMAGENET_STD))  # 0.0175
+STEP = 1.0 / min(IMAGENET_NORM.std)  # 0.0175
 # Tolerances, from side-by-side runs of both paths on the CPU (the settings and images below,
 # plus a sweep of 72 random sizes 40-1400 px under 12 random (shorter, longer, multiple)):
 # - Sizes are always exactly equal, and the decoders agree bit for bit (libjpeg-turbo in both;
@@ -75,7 +75,7 @@ def pil_batch(tmp_path, blobs: list[bytes], shorter: int, longer: int, multiple:
     for i, blob in enumerate(blobs):
         paths.append(tmp_path / f"{i}.jpg")
         paths[-1].write_bytes(blob)
-    return pad_images([load_image(p, shorter, longer) for p in paths], multiple)
+    return pad_images([load_image(p, shorter, longer, IMAGENET_NORM) for p in paths], multiple)
 
 
 def assert_matches(out: DecodedBatch, ref_images, ref_sizes, mean_tol=MEAN_TOL, max_tol=MAX_TOL,
@@ -105,9 +105,28 @@ def test_available():
 @pytest.mark.parametrize("shorter,longer,multiple", SETTINGS)
 def test_jpeg_matches_pil(tmp_path, shorter, longer, multiple):
     blobs = random_jpegs(seed=shorter)
-    decoder = DaliImageDecoder(shorter, longer, multiple, device_id=None, num_threads=1, max_batch_size=8)
+    decoder = DaliImageDecoder(shorter, longer, multiple, norm=IMAGENET_NORM, device_id=None, num_threads=1, max_batch_size=8)
     out = decoder([np.frombuffer(b, dtype=np.uint8) for b in blobs])
     assert_matches(out, *pil_batch(tmp_path, blobs, shorter, longer, multiple))
+
+
+def test_detectron_normalisation_matches_pil(tmp_path):
+    """data.pixel_mean / pixel_std reach DALI as they reach PIL: here Detectron's (the mean of
+    its X-152 weights in RGB order, std 1), where one 8-bit level is one unit."""
+    norm = PixelNorm((122.7717, 115.9465, 102.9801), (1.0, 1.0, 1.0))
+    shorter, longer, multiple = SETTINGS[0]
+    blobs = random_jpegs(seed=5)
+    decoder = DaliImageDecoder(shorter, longer, multiple, norm=norm, device_id=None, num_threads=1, max_batch_size=8)
+    out = decoder([np.frombuffer(b, dtype=np.uint8) for b in blobs])
+    paths = []
+    for i, blob in enumerate(blobs):
+        paths.append(tmp_path / f"{i}.jpg")
+        paths[-1].write_bytes(blob)
+    reference = pad_images([load_image(p, shorter, longer, norm) for p in paths], multiple)
+    level = 1.0 / STEP  # this norm's level over ImageNet's
+    assert_matches(out, *reference, mean_tol=MEAN_TOL * level, max_tol=MAX_TOL * level,
+                   interior_tol=INTERIOR_TOL * level)
+    assert -123.0 < float(out.images.min()) and float(out.images.max()) < 153.0  # 0-255 minus the mean
 
 
 def unusual_images() -> dict[str, bytes]:
@@ -143,14 +162,14 @@ def sixteen_bit_images() -> dict[str, bytes]:
 @pytest.mark.parametrize("shorter,longer,multiple", SETTINGS[1:])
 def test_unusual_images_match_pil(tmp_path, shorter, longer, multiple):
     blobs = list(unusual_images().values())
-    decoder = DaliImageDecoder(shorter, longer, multiple, device_id=None, num_threads=1,
+    decoder = DaliImageDecoder(shorter, longer, multiple, norm=IMAGENET_NORM, device_id=None, num_threads=1,
                                max_batch_size=len(blobs))
     assert_matches(decoder(blobs), *pil_batch(tmp_path, blobs, shorter, longer, multiple))
 
 
 def test_16bit_png_matches_pil(tmp_path):
     blobs = list(sixteen_bit_images().values())
-    decoder = DaliImageDecoder(224, 320, 32, device_id=None, num_threads=1, max_batch_size=2)
+    decoder = DaliImageDecoder(224, 320, 32, norm=IMAGENET_NORM, device_id=None, num_threads=1, max_batch_size=2)
     assert_matches(decoder(blobs), *pil_batch(tmp_path, blobs, 224, 320, 32),
                    mean_tol=MEAN_TOL_16BIT, interior_tol=MAX_TOL)
 
@@ -171,7 +190,7 @@ def test_bad_inputs_are_reported_and_dropped():
     good_positions = [i for i, b in enumerate(batch) if b is None]
     for position, blob in zip(good_positions, good):
         batch[position] = blob
-    decoder = DaliImageDecoder(224, 320, 32, device_id=None, num_threads=1, max_batch_size=len(batch))
+    decoder = DaliImageDecoder(224, 320, 32, norm=IMAGENET_NORM, device_id=None, num_threads=1, max_batch_size=len(batch))
     out = decoder(batch)
     only_good = decoder(good)
     assert [(position, reason) for position, reason, _ in out.failed] == \
@@ -182,7 +201,7 @@ def test_bad_inputs_are_reported_and_dropped():
 
 
 def test_all_bad_gives_an_empty_batch():
-    decoder = DaliImageDecoder(224, 320, 32, device_id=None, num_threads=1, max_batch_size=4)
+    decoder = DaliImageDecoder(224, 320, 32, norm=IMAGENET_NORM, device_id=None, num_threads=1, max_batch_size=4)
     out = decoder([b"", b"not an image at all"])
     assert out.images.shape == (0, 3, 0, 0) and out.sizes.shape == (0, 2)
     assert [reason for _, reason, _ in out.failed] == ["empty_file", "not_an_image"]
@@ -190,7 +209,7 @@ def test_all_bad_gives_an_empty_batch():
 
 def test_batch_outlives_later_calls():
     """The documented lifetime rule: a returned batch is never overwritten by later calls."""
-    decoder = DaliImageDecoder(224, 320, 32, device_id=None, num_threads=1, max_batch_size=4)
+    decoder = DaliImageDecoder(224, 320, 32, norm=IMAGENET_NORM, device_id=None, num_threads=1, max_batch_size=4)
     first = decoder(random_jpegs(SIZES[:2], seed=20))
     kept = first.images.clone()
     for seed in range(3):
@@ -199,7 +218,7 @@ def test_batch_outlives_later_calls():
 
 
 def test_too_many_inputs_raise():
-    decoder = DaliImageDecoder(224, 320, 32, device_id=None, num_threads=1, max_batch_size=2)
+    decoder = DaliImageDecoder(224, 320, 32, norm=IMAGENET_NORM, device_id=None, num_threads=1, max_batch_size=2)
     with pytest.raises(ValueError, match="max_batch_size"):
         decoder(random_jpegs(SIZES[:3]))
 
@@ -208,7 +227,7 @@ def test_too_many_inputs_raise():
 @pytest.mark.parametrize("shorter,longer,multiple", SETTINGS[:2])
 def test_mixed_matches_pil(tmp_path, shorter, longer, multiple):
     blobs = random_jpegs(seed=shorter) + list(unusual_images().values())
-    decoder = DaliImageDecoder(shorter, longer, multiple, device_id=0, max_batch_size=len(blobs))
+    decoder = DaliImageDecoder(shorter, longer, multiple, norm=IMAGENET_NORM, device_id=0, max_batch_size=len(blobs))
     out = decoder(blobs)
     assert out.images.is_cuda
     assert_matches(out, *pil_batch(tmp_path, blobs, shorter, longer, multiple),

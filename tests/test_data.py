@@ -16,7 +16,7 @@ from PIL import Image
 from pixelbert.config import DataConfig
 from pixelbert.data import synthetic, tokenizer as tokenizer_module
 from pixelbert.data.formats import read_coco_captions
-from pixelbert.data.images import IMAGENET_MEAN, IMAGENET_STD, load_image, pad_images, resize_size
+from pixelbert.data.images import IMAGENET_NORM, load_image, pad_images, resize_size
 from pixelbert.data.masking import IGNORE_INDEX, mask_tokens, random_regular_ids
 from pixelbert.data.sampler import StepBatchSampler, sample_seed
 from pixelbert.data.tokenizer import build_tokenizer
@@ -342,20 +342,20 @@ def test_resize_size():
 
 
 def normalised(rgb) -> torch.Tensor:
-    return (torch.tensor(rgb, dtype=torch.float32) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    return (torch.tensor(rgb, dtype=torch.float32) - torch.tensor(IMAGENET_NORM.mean)) / torch.tensor(IMAGENET_NORM.std)
 
 
 def test_load_image_modes_and_normalisation(tmp_path):
     Image.new("RGB", (50, 30), (200, 100, 50)).save(tmp_path / "rgb.png")
-    img = load_image(tmp_path / "rgb.png", 64, 200)
+    img = load_image(tmp_path / "rgb.png", 64, 200, IMAGENET_NORM)
     assert img.dtype == torch.float32 and img.shape == (3, 64, 107)
     assert torch.allclose(img[:, 10, 10], normalised([200, 100, 50]), atol=1e-4)
     Image.new("L", (40, 80), 128).save(tmp_path / "gray.jpg")
-    gray = load_image(tmp_path / "gray.jpg", 64, 200)
+    gray = load_image(tmp_path / "gray.jpg", 64, 200, IMAGENET_NORM)
     assert gray.shape == (3, 128, 64)
     assert torch.allclose(gray[:, 20, 20], normalised([128, 128, 128]), atol=0.05)
     Image.new("CMYK", (64, 64), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")  # red
-    red = load_image(tmp_path / "cmyk.jpg", 64, 200)
+    red = load_image(tmp_path / "cmyk.jpg", 64, 200, IMAGENET_NORM)
     assert red.shape == (3, 64, 64) and torch.allclose(red[:, 32, 32], normalised([255, 0, 0]), atol=0.1)
 
 
@@ -365,7 +365,7 @@ def test_load_image_applies_exif_orientation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # stored rotated: display turns it 90 degrees clockwise
     im.save(tmp_path / "rot.jpg", exif=exif, quality=95)
-    img = load_image(tmp_path / "rot.jpg", 64, 200)
+    img = load_image(tmp_path / "rot.jpg", 64, 200, IMAGENET_NORM)
     assert img.shape == (3, 128, 64)  # portrait once upright
     top, bottom = img[:, 10, 32], img[:, 118, 32]  # red half ends on top after the turn
     assert torch.allclose(top, normalised([255, 0, 0]), atol=0.2)

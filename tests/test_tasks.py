@@ -152,7 +152,7 @@ def test_task_batches_decoded_by_dali_match_pil(records, tok, task, device):
     from tests.test_dali import INTERIOR_TOL, MAX_TOL_GPU, MEAN_TOL, MEAN_TOL_GPU, STEP, assert_matches
     pil = collate_task(spread_items(task_dataset(task, records, tok)), tok.pad_id, 32)
     encoded = collate_task(spread_items(task_dataset(task, records, tok, encoded_images=True)), tok.pad_id, 32)
-    decoder = DaliImageDecoder(DATA.image_shorter, DATA.image_longer, 32, num_threads=1, max_batch_size=8,
+    decoder = DaliImageDecoder(DATA.image_shorter, DATA.image_longer, 32, norm=DATA.pixel_norm(), num_threads=1, max_batch_size=8,
                                device_id=0 if device == "cuda" else None)
     inputs, _ = BatchPreparer(torch.device(device), torch.float32, SkipCounter(), decoder)(encoded)
     assert set(inputs) == set(pil) - {"image_keys", "skips", "attempts"}

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from pixelbert import visualize
-from pixelbert.data.images import load_image, pad_images
+from pixelbert.data.images import IMAGENET_NORM, load_image, pad_images
 from pixelbert.data.tokenizer import TextTokenizer
 from pixelbert.model.pixelbert import PixelBert
 from tests.helpers import tiny_config
@@ -55,7 +55,7 @@ def cli(root, out, *extra):
 def reference_rows(root, model, head=None):
     """Attention of every text token to every key, straight from model.attention_maps."""
     tokenizer = TextTokenizer.from_vocab_file(root / "tokenizer" / "vocab.txt")
-    images, sizes = pad_images([load_image(root / "image.jpg", 160, 256)], 32)
+    images, sizes = pad_images([load_image(root / "image.jpg", 160, 256, IMAGENET_NORM)], 32)
     ids = torch.tensor([tokenizer.encode(TEXT, 12)])
     batch = {"images": images, "image_sizes": sizes, "input_ids": ids,
              "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .errors import BadSample
-from .images import IMAGENET_MEAN, IMAGENET_STD, decode_rgb, open_checked, resize_size, upright_size
+from .images import PixelNorm, decode_rgb, open_checked, resize_size, upright_size
 
 # (PIL format, PIL mode) pairs DALI decodes to the same RGB as `decode_rgb` (tests/test_dali.py);
 # everything else is decoded by PIL and passed to DALI as BMP.
@@ -93,7 +93,7 @@ class DaliImageDecoder:
     At most `max_batch_size` inputs per call.
     """
 
-    def __init__(self, shorter: int, longer: int, pad_multiple: int, *, device_id: int | None,
+    def __init__(self, shorter: int, longer: int, pad_multiple: int, *, norm: PixelNorm, device_id: int | None,
                  hw_decoder_load: float = 0.65, num_threads: int = 4, max_batch_size: int = 64):
         if not dali_available():
             raise RuntimeError("nvidia-dali is not installed; use the PIL path (images.load_image)")
@@ -103,7 +103,7 @@ class DaliImageDecoder:
                              f"{num_threads=} {max_batch_size=}")
         if not 0.0 <= hw_decoder_load <= 1.0:
             raise ValueError(f"hw_decoder_load must be in [0, 1], got {hw_decoder_load}")
-        self.shorter, self.longer, self.pad_multiple = shorter, longer, pad_multiple
+        self.shorter, self.longer, self.pad_multiple, self.norm = shorter, longer, pad_multiple, norm
         self.device_id, self.hw_decoder_load = device_id, hw_decoder_load
         self.num_threads, self.max_batch_size = num_threads, max_batch_size
         self._pipe = self._build()
@@ -131,7 +131,7 @@ class DaliImageDecoder:
             images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
             images = fn.crop_mirror_normalize(
                 images, dtype=types.FLOAT, output_layout="HWC",
-                mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
+                mean=list(self.norm.mean), std=list(self.norm.std))
             return fn.pad(images, axis_names="HW", align=[self.pad_multiple] * 2, fill_value=0.0)
 
         pipe = pipeline()

@@ -134,8 +134,9 @@ class PretrainDataset(Dataset):
         }
 
     def _read_image(self, path: str):
-        load = load_encoded if self.encoded_images else load_image
-        return load(path, self.cfg.image_shorter, self.cfg.image_longer)
+        if self.encoded_images:
+            return load_encoded(path, self.cfg.image_shorter, self.cfg.image_longer)
+        return load_image(path, self.cfg.image_shorter, self.cfg.image_longer, self.cfg.pixel_norm())
 
 
 def collate(items: list[dict[str, Any]], pad_id: int, pad_multiple: int,

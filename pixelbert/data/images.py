@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,27 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import BadSample
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PixelNorm:
+    """The input normalisation a CNN's weights were trained with: (pixel - mean) / std per RGB
+    channel, on 0-255 pixels (data.pixel_mean / data.pixel_std)."""
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def apply(self, pixels: torch.Tensor) -> torch.Tensor:
+        """float [3, h, w] RGB pixels in 0-255 -> normalised."""
+        return (pixels - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
+
+    def undo(self, image: torch.Tensor) -> torch.Tensor:
+        """Normalised [3, h, w] -> RGB pixels in 0-255 (float)."""
+        return image * torch.tensor(self.std).view(3, 1, 1) + torch.tensor(self.mean).view(3, 1, 1)
+
+
+# torchvision's ImageNet weights (and the engine's default): mean (0.485, 0.456, 0.406) and
+# std (0.229, 0.224, 0.225) of 0-1 pixels, here on the 0-255 scale.
+IMAGENET_NORM = PixelNorm((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
 # Sizes no photo has: refused from the header, before a decoder allocates for them.
 MAX_SIDE = 16384
 MAX_ASPECT = 20.0
@@ -88,8 +108,8 @@ def decode_rgb(img: Image.Image, where: str | Path) -> Image.Image:
     return img.convert("RGB")  # grayscale, CMYK, palette, RGBA -> RGB
 
 
-def load_image(path: str | Path, shorter: int, longer: int) -> torch.Tensor:
-    """Decode, upright (EXIF), RGB, resize (bilinear, antialiased) and normalise: float32 [3, h, w].
+def load_image(path: str | Path, shorter: int, longer: int, norm: PixelNorm) -> torch.Tensor:
+    """Decode, upright (EXIF), RGB, resize (bilinear, antialiased) and normalise (`norm`): float32 [3, h, w].
 
     Raises BadSample (with its reason) for a file that cannot give a usable image.
     """
@@ -98,9 +118,7 @@ def load_image(path: str | Path, shorter: int, longer: int) -> torch.Tensor:
     # PIL's bilinear filter widens its support when shrinking, i.e. it is antialiased.
     img = img.resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
     pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
-    return ((pixels - mean) / std).contiguous()
+    return norm.apply(pixels).contiguous()
 
 
 def load_encoded(path: str | Path, shorter: int, longer: int) -> np.ndarray:

@@ -119,8 +119,9 @@ class TaskDataset(Dataset):
         paths = list(record.images) if record.images else [record.image]
         if not record.text.strip():  # training drops these up front; evaluation meets them here
             raise BadSample("empty_text", paths[0])
-        load = load_encoded if self.encoded_images else load_image
-        return [(p, load(p, self.cfg.image_shorter, self.cfg.image_longer)) for p in paths]
+        if self.encoded_images:
+            return [(p, load_encoded(p, self.cfg.image_shorter, self.cfg.image_longer)) for p in paths]
+        return [(p, load_image(p, self.cfg.image_shorter, self.cfg.image_longer, self.cfg.pixel_norm())) for p in paths]
 
     def _negatives(self, record: Record, rng: np.random.Generator) -> list[Record]:
         """`negatives` records of other images than `record`'s."""

@@ -27,7 +27,7 @@ def build_decoder(data_cfg, device: torch.device, max_batch_size: int) -> tuple[
     if device.type == "cuda":
         device_id = device.index if device.index is not None else torch.cuda.current_device()
     decoder = DaliImageDecoder(data_cfg.image_shorter, data_cfg.image_longer, data_cfg.pad_multiple,
-                               device_id=device_id, hw_decoder_load=data_cfg.dali_hw_decoder_load,
+                               norm=data_cfg.pixel_norm(), device_id=device_id, hw_decoder_load=data_cfg.dali_hw_decoder_load,
                                num_threads=data_cfg.dali_threads,
                                max_batch_size=max_batch_size)
     return decoder, f"DALI ({'mixed, GPU ' + str(device_id) if device_id is not None else 'cpu'})"

@@ -55,9 +55,10 @@ class EvalImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        load = load_encoded if self.encoded else load_image
+        size = (self.data.image_shorter, self.data.image_longer)
         try:
-            image = load(self.paths[index], self.data.image_shorter, self.data.image_longer)
+            image = load_encoded(self.paths[index], *size) if self.encoded else \
+                load_image(self.paths[index], *size, self.data.pixel_norm())
         except BadSample as bad:
             return index, skip_code(bad.reason)
         return (index, image) if self.encoded else (index, *pad_images([image], self.data.pad_multiple))

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pixelbert.data.images import load_image, pad_images
+from pixelbert.data.images import IMAGENET_NORM, load_image, pad_images
 from pixelbert.data.synthetic import PALETTE, SHAPES, ensure_synthetic
 from pixelbert.fileio import torch_save_atomic
 from pixelbert.model.backbone import build_backbone
@@ -38,7 +38,7 @@ def pretrain(root: Path, out: Path, *, backbone: str = "tiny", steps: int = 500,
              lr: float = 2e-3, shorter: int = 192, longer: int = 256, seed: int = 0, log_every: int = 50) -> list[float]:
     """Train and save; returns the loss of every step."""
     scenes = json.loads((root / "annotations" / "scenes_train.json").read_text())
-    images = [load_image(root / "images" / s["file_name"], shorter, longer) for s in scenes]
+    images = [load_image(root / "images" / s["file_name"], shorter, longer, IMAGENET_NORM) for s in scenes]
     labels = torch.stack([scene_labels(s) for s in scenes])
     torch.manual_seed(seed)
     model = build_backbone(backbone, frozen_bn=False, freeze_stem=False)
