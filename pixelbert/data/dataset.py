@@ -10,7 +10,7 @@ is the same whichever process, worker or resume point builds it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from .formats import Record
 from .images import load_encoded, load_image, pad_images
 from .masking import IGNORE_INDEX, mask_tokens
 from .tokenizer import TextTokenizer
+from .packed import PackedList
 
 # A bad image is replaced by a random other one; this many bad draws in a row means the
 # data set itself is broken, which no amount of skipping fixes.
@@ -93,7 +94,7 @@ class PretrainDataset(Dataset):
     `captions_per_image` of its captions, each masked for MLM, with a per-pair seed for the
     ITM draw and one for the pixel sample. A bad image is counted and replaced."""
 
-    def __init__(self, groups: list[ImageGroup], tokenizer: TextTokenizer, data_cfg,
+    def __init__(self, groups: Sequence[ImageGroup], tokenizer: TextTokenizer, data_cfg,
                  *, encoded_images: bool = False):
         """`encoded_images`: hand out the file bytes (`"encoded"`) for a batch decoder such as
         DALI instead of decoding here (`"image"`)."""
@@ -101,7 +102,9 @@ class PretrainDataset(Dataset):
             raise ValueError("PretrainDataset needs at least one image with a caption")
         if data_cfg.itm_negative_probability > 0 and len(groups) < 2:
             raise ValueError("ITM negatives need at least two different images")
-        self.groups = groups
+        # One byte buffer, not Python objects: forked loader workers then share it instead of
+        # copying every page they read (see packed.py).
+        self.groups = groups if isinstance(groups, PackedList) else PackedList(groups)
         self.tokenizer = tokenizer
         self.cfg = data_cfg
         self.encoded_images = encoded_images

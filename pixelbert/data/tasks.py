@@ -23,6 +23,7 @@ from .dataset import read_first_good
 from .errors import BadSample
 from .formats import Record
 from .images import load_encoded, load_image, pad_images
+from .packed import PackedList
 
 # VQA soft score of an answer given by k of the ten annotators: min(1, k * 0.3), i.e. 0, 0.3,
 # 0.6, 0.9 and 1.0 for 0-4+ (the usual approximation of the official leave-one-out metric).
@@ -78,7 +79,8 @@ class TaskDataset(Dataset):
             raise ValueError(f"{task}: no records")
         if task == "vqa" and answers is None:
             raise ValueError("VQA needs an answer vocabulary")
-        self.task, self.records, self.tokenizer, self.cfg = task, records, tokenizer, data_cfg
+        self.task, self.tokenizer, self.cfg = task, tokenizer, data_cfg
+        self.records = PackedList(records)  # shared by forked loader workers, not copied (packed.py)
         self.answers, self.negatives, self.encoded_images = answers, negatives, encoded_images
         self.replace_bad = replace_bad
         if task == "retrieval":

@@ -290,7 +290,7 @@ def build_training_data(cfg: Config, dist: DistInfo) -> TrainingData:
         decoder, decoder_name = build_decoder(cfg.data, dist.device,
                                               cfg.micro_batch_size // cfg.data.captions_per_image)
         dataset, tokenizer, sources = build_pretrain_data(cfg, dist, encoded_images=decoder is not None)
-        pairs = sum(len(g.texts) for g in dataset.groups)
+        pairs = sum(len(g.texts) for g in sources.grouped.groups)
         empty = sources.grouped.empty_texts
         return TrainingData(
             f"{len(dataset)} images with {pairs} captions, vocabulary of {tokenizer.vocab_size} "
