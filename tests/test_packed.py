@@ -1,7 +1,6 @@
 """PackedList: records in one byte buffer, read like a list; forked DataLoader workers read it
 without copying it (Python objects get copied page by page as workers touch their refcounts)."""
 import pytest
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pixelbert.data.dataset import ImageGroup
