@@ -70,8 +70,8 @@ def run(argv=None) -> int:
     try:
         tokenizer = run_tokenizer(cfg.data, run_dir)
         answers = AnswerVocabulary.load(run_dir / ANSWERS_FILE) if task == "vqa" else None
-        cfg.model.backbone_weights = None  # the checkpoint holds the CNN
-        model = build_model(cfg, len(answers.answers) if answers else None)
+        # The checkpoint holds the CNN.
+        model = build_model(cfg, len(answers.answers) if answers else None, backbone_weights=False)
         loaded = load_weights(model, args.checkpoint)
         if loaded.initialised:  # a head left at random would be evaluated as if trained
             raise ValueError(f"{args.checkpoint} lacks {len(loaded.initialised)} of this model's tensors "

@@ -236,7 +236,7 @@ def test_init_from_wins_over_the_bert_checkpoint(tmp_path):
     torch.save(pretrained, tmp_path / "pretrained.pt")
     said = []
     model = PixelBert(tiny_config())
-    load_initial_weights(model, str(tmp_path / "bert"), str(tmp_path / "pretrained.pt"), said.append)
+    load_initial_weights(model, None, str(tmp_path / "bert"), str(tmp_path / "pretrained.pt"), said.append)
     state, bert = model.state_dict(), bert_only.state_dict()
     assert not torch.equal(pretrained[query], bert[query])
     torch.testing.assert_close(state[query], pretrained[query], rtol=0, atol=0)
@@ -244,3 +244,39 @@ def test_init_from_wins_over_the_bert_checkpoint(tmp_path):
     assert said[0].startswith(f"BERT checkpoint {tmp_path / 'bert'}")
     assert said[1].startswith(f"initialised from {tmp_path / 'pretrained.pt'} (over the BERT checkpoint)")
     assert value in said[1]  # listed as initialised here
+
+
+def test_init_from_with_the_whole_cnn_does_not_read_backbone_weights(tmp_path):
+    """A fine-tuning config keeps the pre-training's model.backbone_weights, but the pre-trained
+    run holds the CNN: the file is then not read (the fine-tuning machine need not have it). A
+    run that lacks CNN tensors gets them from the file, and its own over them."""
+    from pixelbert.engine.weights import load_initial_weights
+    from pixelbert.model.backbone import build_backbone
+    torch.manual_seed(4)
+    pretrained = PixelBert(tiny_config()).state_dict()
+    torch.save(pretrained, tmp_path / "pretrained.pt")
+    said = []
+    model = PixelBert(tiny_config())
+    load_initial_weights(model, str(tmp_path / "absent.pth"), None, str(tmp_path / "pretrained.pt"), said.append)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, pretrained[name], rtol=0, atol=0)
+    assert said[0] == (f"the CNN comes from {tmp_path / 'pretrained.pt'}: "
+                       f"model.backbone_weights ({tmp_path / 'absent.pth'}) is not read")
+
+    torch.manual_seed(5)
+    imagenet = build_backbone(tiny_config().backbone).state_dict()
+    torch.save(imagenet, tmp_path / "imagenet.pth")
+    stem, deep = "pixel_embeddings.backbone.conv1.weight", "pixel_embeddings.backbone.layer1.0.conv1.weight"
+    pretrained_stem = pretrained.pop(stem)  # the pre-trained run lacks one CNN tensor
+    torch.save(pretrained, tmp_path / "partial.pt")
+    said = []
+    model = PixelBert(tiny_config())
+    load_initial_weights(model, str(tmp_path / "imagenet.pth"), None, str(tmp_path / "partial.pt"), said.append)
+    state = model.state_dict()
+    assert not torch.equal(imagenet["conv1.weight"], pretrained_stem)
+    torch.testing.assert_close(state[stem], imagenet["conv1.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(state[deep], pretrained[deep], rtol=0, atol=0)
+    assert said[0] == f"CNN weights {tmp_path / 'imagenet.pth'} (where {tmp_path / 'partial.pt'} lacks them)"
+    with pytest.raises(FileNotFoundError, match="backbone weights file not found"):
+        load_initial_weights(PixelBert(tiny_config()), str(tmp_path / "absent.pth"), None,
+                             str(tmp_path / "partial.pt"), said.append)

@@ -186,9 +186,10 @@ def train(cfg: Config) -> dict:
 
     ops.set_default_backend(cfg.model.kernels)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank, whatever ran before
-    model = build_model(cfg, len(data.answers.answers) if data.answers else None)
-    load_initial_weights(model, cfg.model.bert_checkpoint, cfg.task.init_from, lambda line: log(dist, line))
-    if cfg.model.frozen_bn and not cfg.model.backbone_weights:
+    model = build_model(cfg, len(data.answers.answers) if data.answers else None, backbone_weights=False)
+    load_initial_weights(model, cfg.model.backbone_weights, cfg.model.bert_checkpoint, cfg.task.init_from,
+                         lambda line: log(dist, line))
+    if cfg.model.frozen_bn and not (cfg.model.backbone_weights or cfg.task.init_from):
         log(dist, "warning: model.frozen_bn without model.backbone_weights trains a CNN with no "
                   "normalisation at all; give ImageNet weights or set model.frozen_bn=false")
     log(dist, attention_plan(cfg, dist.device, training_dtype(cfg)))

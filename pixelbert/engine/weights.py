@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from pixelbert.engine.checkpoint import LATEST
+from pixelbert.model.backbone import load_weights as load_backbone
 
 
 def resolve_tag_dir(path: str | Path) -> Path:
@@ -50,31 +51,47 @@ class WeightsReport:
 
 def load_weights(model: nn.Module, path: str | Path) -> WeightsReport:
     """Load what fits; a tensor of the right name and the wrong shape is an error."""
-    state = model_state_dict(path)
+    return load_state(model, model_state_dict(path), path)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> WeightsReport:
+    """`load_weights` of a state dict already read from `source`."""
     own = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
              if k in own and own[k].shape != v.shape]
     if wrong:
-        raise ValueError(f"{path}: tensors of the wrong shape for this model (checkpoint vs model): "
+        raise ValueError(f"{source}: tensors of the wrong shape for this model (checkpoint vs model): "
                          f"{', '.join(wrong[:5])}")
     result = model.load_state_dict(state, strict=False)
     return WeightsReport(sorted(set(state) & set(own)), sorted(result.missing_keys),
                          sorted(result.unexpected_keys))
 
 
-def load_initial_weights(model, bert_checkpoint: Optional[str], init_from: Optional[str],
-                         say: Callable[[str], None]) -> None:
-    """The weights a training run starts from: the CNN's `model.backbone_weights` (loaded when
-    the model is built), then `model.bert_checkpoint` for the text side, then `task.init_from`
-    (a pre-trained Pixel-BERT run or weights file) over both. Each fills only what the later
-    ones lack, so a fine-tuning config that still names BERT and the ImageNet CNN keeps the
-    pre-trained model whole."""
+CNN_PREFIX = "pixel_embeddings.backbone."
+
+
+def load_initial_weights(model, backbone_weights: Optional[str], bert_checkpoint: Optional[str],
+                         init_from: Optional[str], say: Callable[[str], None]) -> None:
+    """The weights a training run starts from: the CNN's `model.backbone_weights`, then
+    `model.bert_checkpoint` for the text side, then `task.init_from` (a pre-trained Pixel-BERT
+    run or weights file) over all of them. Each fills only what the later ones lack, so a
+    fine-tuning config that still names BERT and the ImageNet CNN keeps the pre-trained model
+    whole; and when `init_from` holds the whole CNN, the CNN file is not read at all (a
+    fine-tuning machine need not have it). The model must be built without its CNN weights."""
+    init_state = model_state_dict(init_from) if init_from else {}
+    if backbone_weights:
+        cnn = model.pixel_embeddings.backbone
+        if any(CNN_PREFIX + name not in init_state for name in cnn.state_dict()):
+            load_backbone(cnn, backbone_weights)
+            say(f"CNN weights {backbone_weights}" + (f" (where {init_from} lacks them)" if init_from else ""))
+        else:
+            say(f"the CNN comes from {init_from}: model.backbone_weights ({backbone_weights}) is not read")
     if bert_checkpoint:
         report = model.load_bert_checkpoint(bert_checkpoint)
         say(f"BERT checkpoint {bert_checkpoint}: {len(report.loaded)} tensors loaded, "
             f"unused {report.unused or 'none'}, left at init {report.missing or 'none'}")
     if init_from:
-        report = load_weights(model, init_from)
+        report = load_state(model, init_state, init_from)
         say(f"initialised from {init_from}" + (" (over the BERT checkpoint)" if bert_checkpoint else "") +
             f": {len(report.loaded)} tensors loaded; new (initialised here): {report.initialised or 'none'}; "
             f"unused: {report.unused or 'none'}")

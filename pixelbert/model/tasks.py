@@ -6,6 +6,7 @@ keeps every valid pixel, as the paper does.
 """
 from __future__ import annotations
 
+import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -164,14 +165,17 @@ class PixelBertForRetrieval(PixelBert):
         return {"loss": loss, **out}
 
 
-def build_model(cfg, num_answers: int | None = None) -> PixelBert:
-    """The model of `cfg.train.task`."""
-    task = cfg.train.task
+def build_model(cfg, num_answers: int | None = None, *, backbone_weights: bool = True) -> PixelBert:
+    """The model of `cfg.train.task`; its CNN with `model.backbone_weights` loaded, or (with
+    backbone_weights=False: the caller loads weights that hold the CNN) at initialisation."""
+    task, model_cfg = cfg.train.task, cfg.model
+    if not backbone_weights:
+        model_cfg = dataclasses.replace(model_cfg, backbone_weights=None)
     if task == "pretrain":
-        return PixelBert(cfg.model)
+        return PixelBert(model_cfg)
     if task == "vqa":
-        return PixelBertForVQA(cfg.model, num_answers)
+        return PixelBertForVQA(model_cfg, num_answers)
     if task == "nlvr2":
-        return PixelBertForNLVR2(cfg.model)
-    return PixelBertForRetrieval(cfg.model, cfg.task.negatives, cfg.task.hard_negatives,
+        return PixelBertForNLVR2(model_cfg)
+    return PixelBertForRetrieval(model_cfg, cfg.task.negatives, cfg.task.hard_negatives,
                                  cfg.task.contrastive_weight, cfg.task.contrastive_dim)
