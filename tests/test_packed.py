@@ -52,3 +52,31 @@ def test_forked_workers_share_the_buffer_instead_of_copying_objects():
     packed = worker_growth_mb(PackedList(records))
     assert as_objects > 20  # the objects' pages, copied as the worker touched them
     assert packed < as_objects / 4
+
+
+def test_the_pretraining_run_keeps_its_groups_only_packed(tmp_path):
+    """Once the pre-training data is built, the main process holds no ImageGroup objects (the
+    sampler keeps arrays of each image's source and aspect ratio, the dataset the packed
+    buffer), and the loader still works from those."""
+    import gc
+
+    import torch
+
+    from pixelbert.config import load_config
+    from pixelbert.engine.data import build_training_data
+    from pixelbert.engine.distributed import DistInfo
+
+    def live_groups() -> int:
+        gc.collect()
+        return sum(type(o) is ImageGroup for o in gc.get_objects())
+
+    before = live_groups()
+    cfg = load_config("configs/tiny.json", [f"train.output_dir={tmp_path / 'run'}",
+                                            f"data.synthetic_dir={tmp_path / 'synthetic'}",
+                                            "data.synthetic_images=40", "model.backbone_weights=null",
+                                            "data.num_workers=0", "data.aspect_grouping_window=4"])
+    data = build_training_data(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    assert live_groups() == before
+    batch = next(iter(data.make_loader(0)))
+    assert batch["images"].shape[0] == cfg.micro_batch_size // cfg.data.captions_per_image
+    assert len(batch["input_ids"]) == cfg.micro_batch_size

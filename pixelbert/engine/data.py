@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 from PIL import Image
 
 from pixelbert.config import CAPTION_FORMATS, Config, SourceConfig
@@ -83,18 +84,24 @@ def without_held_out(per_source: list[list[Record]], cfg: Config, dist: DistInfo
 
 @dataclass
 class PretrainSources:
-    grouped: GroupedRecords
+    """What the run keeps of the pre-training groups besides the packed dataset: each image's
+    source and aspect ratio for the sampler, the sources' weights, and the start-up counts.
+    Arrays, not the groups: the main process would otherwise hold millions of objects (Visual
+    Genome's phrases) on every rank for the whole run."""
+    source_ids: np.ndarray  # [images] int
+    aspect_ratios: np.ndarray  # [images] height / width (1.0 where unknown)
     weights: list[float]
+    captions: int
+    empty_text_skips: list[tuple[str, str]]
 
 
-def read_pretrain_sources(cfg: Config, dist: DistInfo) -> PretrainSources:
+def read_pretrain_groups(cfg: Config, dist: DistInfo) -> GroupedRecords:
     """The image-caption records of every configured source, or of the embedded synthetic set,
     grouped by image."""
-    per_source = caption_records(cfg, "train", dist)
-    grouped = group_by_image(per_source)
+    grouped = group_by_image(caption_records(cfg, "train", dist))
     if not grouped.groups:
         raise ValueError("data.train: the configured sources hold no image-text pairs")
-    return PretrainSources(grouped, [s.weight for s in cfg.data.train] or [1.0])
+    return grouped
 
 
 def caption_records(cfg: Config, split: str, dist: DistInfo) -> list[list[Record]]:
@@ -151,10 +158,10 @@ def complete_sizes(grouped: GroupedRecords, cache: Path, dist: DistInfo) -> None
 
 def build_pretrain_data(cfg: Config, dist: DistInfo, *, encoded_images: bool = False
                         ) -> tuple[PretrainDataset, TextTokenizer, PretrainSources]:
-    sources = read_pretrain_sources(cfg, dist)
+    grouped = read_pretrain_groups(cfg, dist)
     if cfg.data.aspect_grouping_window > 1:
-        complete_sizes(sources.grouped, Path(cfg.train.output_dir) / "image_sizes.json", dist)
-    captions = [text for group in sources.grouped.groups for text in group.texts]
+        complete_sizes(grouped, Path(cfg.train.output_dir) / "image_sizes.json", dist)
+    captions = [text for group in grouped.groups for text in group.texts]
     cache = Path(cfg.train.output_dir) / "tokenizer"
     if dist.is_main:  # train (or check) the cached vocabulary once, then every rank reads it
         build_tokenizer(cfg.data, captions, cache, cfg.model.vocab_size, cfg.data.tokenizer_cache)
@@ -166,20 +173,22 @@ def build_pretrain_data(cfg: Config, dist: DistInfo, *, encoded_images: bool = F
     if cfg.data.max_text_len > cfg.model.max_position_embeddings:
         raise ValueError(f"data.max_text_len ({cfg.data.max_text_len}) exceeds "
                          f"model.max_position_embeddings ({cfg.model.max_position_embeddings})")
-    dataset = PretrainDataset(sources.grouped.groups, tokenizer, cfg.data, encoded_images=encoded_images)
-    return dataset, tokenizer, sources
+    sources = PretrainSources(np.array([g.source for g in grouped.groups]), grouped.aspect_ratios,
+                              [s.weight for s in cfg.data.train] or [1.0], len(captions),
+                              grouped.empty_text_skips())
+    dataset = PretrainDataset(grouped.groups, tokenizer, cfg.data, encoded_images=encoded_images)
+    return dataset, tokenizer, sources  # the groups and captions go: the dataset holds them packed
 
 
 def build_train_loader(dataset: PretrainDataset, sources: PretrainSources, cfg: Config,
                        dist: DistInfo, start_step: int):
     """Micro-batches of this rank from optimiser step `start_step + 1` on, forever. A micro-batch
     holds train_micro_batch_size_per_gpu / data.captions_per_image images."""
-    groups = sources.grouped.groups
     sampler = StepBatchSampler(
         len(dataset), cfg.micro_batch_size // cfg.data.captions_per_image, cfg.grad_accum_steps,
         dist.world_size, dist.rank, cfg.train.seed, start_step=start_step,
-        source_ids=[g.source for g in groups], source_weights=sources.weights,
-        aspect_ratios=sources.grouped.aspect_ratios, aspect_window=cfg.data.aspect_grouping_window)
+        source_ids=sources.source_ids, source_weights=sources.weights,
+        aspect_ratios=sources.aspect_ratios, aspect_window=cfg.data.aspect_grouping_window)
     return build_pretrain_loader(dataset, sampler, cfg.data, collate)
 
 
@@ -290,13 +299,11 @@ def build_training_data(cfg: Config, dist: DistInfo) -> TrainingData:
         decoder, decoder_name = build_decoder(cfg.data, dist.device,
                                               cfg.micro_batch_size // cfg.data.captions_per_image)
         dataset, tokenizer, sources = build_pretrain_data(cfg, dist, encoded_images=decoder is not None)
-        pairs = sum(len(g.texts) for g in sources.grouped.groups)
-        empty = sources.grouped.empty_texts
         return TrainingData(
-            f"{len(dataset)} images with {pairs} captions, vocabulary of {tokenizer.vocab_size} "
+            f"{len(dataset)} images with {sources.captions} captions, vocabulary of {tokenizer.vocab_size} "
             f"tokens, images decoded by {decoder_name}",
             lambda start: build_train_loader(dataset, sources, cfg, dist, start), tokenizer, decoder,
-            sources.grouped.empty_text_skips(), pairs + len(empty))
+            sources.empty_text_skips, sources.captions + len(sources.empty_text_skips))
     all_records = read_task_records(cfg, "train", dist)
     records, empty = with_text(all_records)
     tokenizer = task_tokenizer(cfg, [r.text for r in records], dist)
