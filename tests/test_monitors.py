@@ -47,8 +47,10 @@ def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def test_tensorboard_cut_back_rewrites_earlier_event_files(tmp_path):
+def test_tensorboard_cut_back_rewrites_earlier_event_files(tmp_path, monkeypatch):
     from torch.utils.tensorboard import SummaryWriter
+
+    from pixelbert import fileio
     first = SummaryWriter(tmp_path)  # the interrupted run: steps 1-5, samples 4-20
     for step in range(1, 6):
         first.add_scalar("Train/loss", step / 10, step)
@@ -59,8 +61,12 @@ def test_tensorboard_cut_back_rewrites_earlier_event_files(tmp_path):
     current.flush()
     current_file = Path(current.file_writer.event_writer._file_name)
 
+    temp_names, mkstemp = [], fileio.tempfile.mkstemp
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", lambda **kw: temp_names.append(kw["prefix"]) or mkstemp(**kw))
     dropped = cut_back_tensorboard(tmp_path, RunPosition(step=3, samples=12), keep_file=current_file)
     assert dropped == 2 + 2
+    # TensorBoard loads any file whose name holds "tfevents", a rewrite's temporary file too.
+    assert len(temp_names) == 1 and "tfevents" not in temp_names[0]
     for step in (4, 5):  # the resumed run logs its steps again
         current.add_scalar("Train/loss", step / 10 + 1, step)
         current.add_scalar("Train/Samples/lr", 0.1 * step + 1, 4 * step)

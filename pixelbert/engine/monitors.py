@@ -113,6 +113,7 @@ def cut_back_tensorboard(folder: Path, position: RunPosition, keep_file: Path) -
             writer = RecordWriter(data)
             for raw in records:
                 writer.write(raw)
-            write_atomic(path, data.getvalue())
+            # TensorBoard loads any file with "tfevents" in its name: the temporary one must not have it.
+            write_atomic(path, data.getvalue(), temp_prefix=".rewrite.")
     return dropped
 
