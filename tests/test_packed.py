@@ -80,3 +80,19 @@ def test_the_pretraining_run_keeps_its_groups_only_packed(tmp_path):
     batch = next(iter(data.make_loader(0)))
     assert batch["images"].shape[0] == cfg.micro_batch_size // cfg.data.captions_per_image
     assert len(batch["input_ids"]) == cfg.micro_batch_size
+
+
+def test_saved_and_opened_memory_mapped(tmp_path):
+    """`save` then `open` gives the same items from a read-only memory map; an opened list is
+    sent to a spawned process as its folder, not its bytes."""
+    import pickle
+
+    import numpy as np
+    items = [Record(image=f"{i}.jpg", image_id=i, text="words " * (i % 9)) for i in range(301)]
+    PackedList(items).save(tmp_path / "records")
+    opened = PackedList.open(tmp_path / "records")
+    assert isinstance(opened._data, np.memmap) and not opened._data.flags.writeable
+    assert list(opened) == items and opened[-1] == items[-1] and opened[5:9] == items[5:9]
+    sent = pickle.dumps(opened)
+    assert len(sent) < 500 and list(pickle.loads(sent)) == items
+    assert list(pickle.loads(pickle.dumps(PackedList(items[:3])))) == items[:3]  # an in-memory one: its bytes

@@ -4,11 +4,14 @@ A dataset of Python objects (Visual Genome: 5.4M region phrases) held by the mai
 shared with forked DataLoader workers page by page, but every read in a worker writes the
 objects' reference counts, so each worker slowly copies every page it reads: the memory of the
 records multiplies by the number of workers on every rank. Stored pickled in one numpy buffer,
-the records cost a fraction of the memory and reading them writes nothing shared.
+the records cost a fraction of the memory and reading them writes nothing shared. Saved to
+a folder and opened memory-mapped, one copy in the page cache serves every rank of a machine.
 """
 from __future__ import annotations
 
+import os
 import pickle
+from pathlib import Path
 from typing import Generic, Iterable, Sequence, TypeVar, overload
 
 import numpy as np
@@ -23,6 +26,33 @@ class PackedList(Sequence[T], Generic[T]):
         blobs = [pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL) for item in items]
         self._ends = np.cumsum([len(blob) for blob in blobs], dtype=np.int64)
         self._data = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        self._folder: Path | None = None  # where it was opened from (memory-mapped)
+
+    def save(self, folder: str | Path) -> None:
+        """Write the buffer to `folder` (data.npy, ends.npy), each file atomically."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, array in (("data.npy", self._data), ("ends.npy", self._ends)):
+            temp = folder / f".{name}.{os.getpid()}.tmp"
+            with open(temp, "wb") as f:
+                np.save(f, array)
+            os.replace(temp, folder / name)
+
+    @classmethod
+    def open(cls, folder: str | Path) -> "PackedList":
+        """The list `save` wrote to `folder`, memory-mapped read-only: processes that open it
+        share the file's pages instead of each holding a copy."""
+        packed = cls.__new__(cls)
+        packed._folder = Path(folder)
+        packed._data = np.load(packed._folder / "data.npy", mmap_mode="r")
+        packed._ends = np.load(packed._folder / "ends.npy", mmap_mode="r")
+        return packed
+
+    def __reduce__(self):
+        # Sent to a spawned process: an opened list is reopened there, not copied through a pipe.
+        if self._folder is not None:
+            return PackedList.open, (str(self._folder),)
+        return super().__reduce__()
 
     def __len__(self) -> int:
         return len(self._ends)

@@ -80,7 +80,8 @@ class TaskDataset(Dataset):
         if task == "vqa" and answers is None:
             raise ValueError("VQA needs an answer vocabulary")
         self.task, self.tokenizer, self.cfg = task, tokenizer, data_cfg
-        self.records = PackedList(records)  # shared by forked loader workers, not copied (packed.py)
+        # Shared by forked loader workers, not copied (packed.py).
+        self.records = records if isinstance(records, PackedList) else PackedList(records)
         self.answers, self.negatives, self.encoded_images = answers, negatives, encoded_images
         self.replace_bad = replace_bad
         if task == "retrieval":

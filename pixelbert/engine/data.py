@@ -1,12 +1,13 @@
 """From the config's data section to a sharded, resumable training loader."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from functools import partial
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 from PIL import Image
@@ -15,6 +16,7 @@ from pixelbert.config import CAPTION_FORMATS, Config, SourceConfig
 from pixelbert.data import formats
 from pixelbert.data.dataset import GroupedRecords, PretrainDataset, collate, group_by_image
 from pixelbert.data.formats import Record
+from pixelbert.data.packed import PackedList
 from pixelbert.data.images import upright_size
 from pixelbert.data.sampler import StepBatchSampler, build_loader, build_pretrain_loader
 from pixelbert.data.synthetic import ensure_synthetic
@@ -22,6 +24,7 @@ from pixelbert.data.tasks import AnswerVocabulary, TaskDataset, collate_task
 from pixelbert.data.tokenizer import TextTokenizer, build_tokenizer, run_tokenizer
 from pixelbert.engine.decoding import build_decoder
 from pixelbert.engine.distributed import DistInfo, barrier, log
+from pixelbert.engine.record_cache import shared_records
 from pixelbert.fileio import write_atomic
 
 ANSWERS_FILE = "answers.txt"  # a VQA run's answer vocabulary, one answer per line, in head order
@@ -69,7 +72,8 @@ def held_out_coco_ids(cfg: Config) -> set[int]:
     return held
 
 
-def without_held_out(per_source: list[list[Record]], cfg: Config, dist: DistInfo) -> list[list[Record]]:
+def without_held_out(per_source: list[list[Record]], cfg: Config,
+                     say: Callable[[str], None]) -> list[list[Record]]:
     """data.train's records (per source) minus those of data.exclude's COCO images."""
     if not cfg.data.exclude:
         return per_source
@@ -77,8 +81,8 @@ def without_held_out(per_source: list[list[Record]], cfg: Config, dist: DistInfo
     kept = [[r for r in records if r.coco_id not in held] for records in per_source]
     removed = [len(records) - len(left) for records, left in zip(per_source, kept)]
     images = {r.coco_id for records in per_source for r in records if r.coco_id in held}
-    log(dist, f"data.exclude holds out {len(held)} COCO images: removed {sum(removed)} training records "
-              f"of {len(images)} of them (per source: {removed})")
+    say(f"data.exclude holds out {len(held)} COCO images: removed {sum(removed)} training records "
+        f"of {len(images)} of them (per source: {removed})")
     return kept
 
 
@@ -95,34 +99,43 @@ class PretrainSources:
     empty_text_skips: list[tuple[str, str]]
 
 
-def read_pretrain_groups(cfg: Config, dist: DistInfo) -> GroupedRecords:
-    """The image-caption records of every configured source, or of the embedded synthetic set,
-    grouped by image."""
-    grouped = group_by_image(caption_records(cfg, "train", dist))
-    if not grouped.groups:
-        raise ValueError("data.train: the configured sources hold no image-text pairs")
-    return grouped
-
-
 def caption_records(cfg: Config, split: str, dist: DistInfo) -> list[list[Record]]:
     """The image-caption records of each configured source of `split` ("train" or "val"), or
     of the synthetic set's captions_<split>.json."""
+    sources = split_sources(cfg, split, dist, "pretrain")
+    return read_split(cfg, split, sources, lambda line: log(dist, line))
+
+
+def read_split(cfg: Config, split: str, sources: list[SourceConfig],
+               say: Callable[[str], None]) -> list[list[Record]]:
+    """The records of each of `split`'s sources (training: minus data.exclude's images)."""
+    per_source = []
+    for i, source in enumerate(sources):
+        check_source_paths(source, f"data.{split}[{i}]")
+        per_source.append(read_source(source))
+    return without_held_out(per_source, cfg, say) if split == "train" else per_source
+
+
+def split_sources(cfg: Config, split: str, dist: DistInfo, task: Optional[str] = None) -> list[SourceConfig]:
+    """The configured sources of `split` ("train" or "val"), or the synthetic set's (written
+    by the main rank; the others wait for it) for `task` (by default the config's)."""
+    task = task or cfg.train.task
     configured = cfg.data.train if split == "train" else cfg.data.val
-    if not configured:
-        root = Path(cfg.data.synthetic_dir)
-        if dist.is_main:  # one rank writes the set; the others wait for it
-            ensure_synthetic(root, cfg.data.synthetic_images, cfg.data.synthetic_seed)
-        barrier()
-        per_source = [formats.read_coco_captions(root / "annotations" / f"captions_{split}.json", root / "images")]
-    else:
-        per_source = []
-        for i, source in enumerate(configured):
-            if source.format not in CAPTION_FORMATS:
-                raise ValueError(f"data.{split}[{i}].format={source.format!r} has no captions to pre-train "
-                                 f"on (MLM + ITM take {CAPTION_FORMATS}); it is a fine-tuning format")
-            check_source_paths(source, f"data.{split}[{i}]")
-            per_source.append(read_source(source))
-    return without_held_out(per_source, cfg, dist) if split == "train" else per_source
+    if configured:
+        if task == "pretrain":
+            for i, source in enumerate(configured):
+                if source.format not in CAPTION_FORMATS:
+                    raise ValueError(f"data.{split}[{i}].format={source.format!r} has no captions to pre-train "
+                                     f"on (MLM + ITM take {CAPTION_FORMATS}); it is a fine-tuning format")
+        return configured
+    root = Path(cfg.data.synthetic_dir)
+    if dist.is_main:
+        ensure_synthetic(root, cfg.data.synthetic_images, cfg.data.synthetic_seed)
+    barrier()
+    source = SYNTHETIC_SOURCES[task][split]
+    rooted = {k: str(root / getattr(source, k)) if getattr(source, k) else ""
+              for k in ("annotations", "questions", "images")}
+    return [SourceConfig(format=source.format, split=source.split, **rooted)]
 
 
 def header_size(path: str) -> Optional[tuple[int, int]]:
@@ -135,22 +148,19 @@ def header_size(path: str) -> Optional[tuple[int, int]]:
         return None
 
 
-def complete_sizes(grouped: GroupedRecords, cache: Path, dist: DistInfo) -> None:
+def complete_sizes(grouped: GroupedRecords, cache: Path) -> None:
     """Give every group an image size for aspect grouping: the annotations' when they have one,
-    else its header's, read once (in threads, by the main rank) and cached in `cache`."""
+    else its header's, read once (in threads) and cached in `cache`."""
     missing = [g for g in grouped.groups if g.size is None]
     if not missing:
         return
-    if dist.is_main:
-        known = json.loads(cache.read_text()) if cache.is_file() else {}
-        todo = [g.image for g in missing if g.image not in known]
-        if todo:
-            with ThreadPoolExecutor(HEADER_READERS) as pool:
-                known.update(zip(todo, pool.map(header_size, todo)))
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(cache, json.dumps(known))
-    barrier()
-    known = json.loads(cache.read_text())
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    todo = [g.image for g in missing if g.image not in known]
+    if todo:
+        with ThreadPoolExecutor(HEADER_READERS) as pool:
+            known.update(zip(todo, pool.map(header_size, todo)))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(cache, json.dumps(known))
     for group in missing:
         size = known.get(group.image)
         group.size = tuple(size) if size else None
@@ -158,26 +168,63 @@ def complete_sizes(grouped: GroupedRecords, cache: Path, dist: DistInfo) -> None
 
 def build_pretrain_data(cfg: Config, dist: DistInfo, *, encoded_images: bool = False
                         ) -> tuple[PretrainDataset, TextTokenizer, PretrainSources]:
-    grouped = read_pretrain_groups(cfg, dist)
-    if cfg.data.aspect_grouping_window > 1:
-        complete_sizes(grouped, Path(cfg.train.output_dir) / "image_sizes.json", dist)
-    captions = [text for group in grouped.groups for text in group.texts]
-    cache = Path(cfg.train.output_dir) / "tokenizer"
-    if dist.is_main:  # train (or check) the cached vocabulary once, then every rank reads it
-        build_tokenizer(cfg.data, captions, cache, cfg.model.vocab_size, cfg.data.tokenizer_cache)
-    barrier()
-    tokenizer = build_tokenizer(cfg.data, captions, cache, cfg.model.vocab_size)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
-                         f"{cfg.model.vocab_size}: raise model.vocab_size")
+    """The pre-training dataset (its records read once, by the main rank: record_cache.py),
+    the run's tokenizer, and what the sampler needs."""
+    run_dir = Path(cfg.train.output_dir)
+    sources = split_sources(cfg, "train", dist, "pretrain")
+
+    def read_groups() -> tuple[list, dict]:
+        notes: list[str] = []
+        grouped = group_by_image(read_split(cfg, "train", sources, notes.append))
+        if not grouped.groups:
+            raise ValueError("data.train: the configured sources hold no image-text pairs")
+        if cfg.data.aspect_grouping_window > 1:
+            complete_sizes(grouped, run_dir / "image_sizes.json")
+        return grouped.groups, {
+            "source_ids": [g.source for g in grouped.groups], "aspect_ratios": grouped.aspect_ratios.tolist(),
+            "captions": sum(len(g.texts) for g in grouped.groups),
+            "empty_text_skips": grouped.empty_text_skips(), "notes": notes}
+    settings = {"task": "pretrain", "sizes": cfg.data.aspect_grouping_window > 1}
+    groups, meta = run_records(cfg, sources, settings, read_groups, dist)
+    tokenizer = run_vocabulary(cfg, (text for group in groups for text in group.texts), dist)
     if cfg.data.max_text_len > cfg.model.max_position_embeddings:
         raise ValueError(f"data.max_text_len ({cfg.data.max_text_len}) exceeds "
                          f"model.max_position_embeddings ({cfg.model.max_position_embeddings})")
-    sources = PretrainSources(np.array([g.source for g in grouped.groups]), grouped.aspect_ratios,
-                              [s.weight for s in cfg.data.train] or [1.0], len(captions),
-                              grouped.empty_text_skips())
-    dataset = PretrainDataset(grouped.groups, tokenizer, cfg.data, encoded_images=encoded_images)
-    return dataset, tokenizer, sources  # the groups and captions go: the dataset holds them packed
+    sampling = PretrainSources(np.asarray(meta["source_ids"], dtype=np.int64), np.asarray(meta["aspect_ratios"]),
+                               [s.weight for s in cfg.data.train] or [1.0], meta["captions"],
+                               [tuple(skip) for skip in meta["empty_text_skips"]])
+    return PretrainDataset(groups, tokenizer, cfg.data, encoded_images=encoded_images), tokenizer, sampling
+
+
+def run_records(cfg: Config, sources: list[SourceConfig], settings: dict,
+                read: Callable[[], tuple[list, dict]], dist: DistInfo) -> tuple[PackedList, dict]:
+    """The run's training records and their meta, read by `read` on the main rank or found in
+    the run's records/ folder from an earlier start (record_cache.py), memory-mapped on every rank."""
+    folder = Path(cfg.train.output_dir) / "records"
+    settings = {**settings, "exclude": [dataclasses.asdict(s) for s in cfg.data.exclude]}
+    records, meta, fresh = shared_records(folder, settings, sources + list(cfg.data.exclude), read, dist)
+    for note in meta["notes"]:
+        log(dist, note)
+    log(dist, f"training records ({len(records)} items) {'read and packed into' if fresh else 'reused from'} {folder}")
+    return records, meta
+
+
+def run_vocabulary(cfg: Config, texts: Iterable[str], dist: DistInfo) -> TextTokenizer:
+    """data.tokenizer, or the vocabulary the main rank trains on `texts` (or finds cached): every
+    rank then reads the run's copy."""
+    if dist.is_main:  # train (or check) the cached vocabulary once, then every rank reads it
+        build_tokenizer(cfg.data, texts, Path(cfg.train.output_dir) / "tokenizer", cfg.model.vocab_size,
+                        cfg.data.tokenizer_cache)
+    barrier()
+    return fitting(run_tokenizer(cfg.data, cfg.train.output_dir), cfg)
+
+
+def fitting(tokenizer: TextTokenizer, cfg: Config) -> TextTokenizer:
+    """`tokenizer`, when the model's embedding has a row for each of its ids."""
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+                         f"{cfg.model.vocab_size}: raise model.vocab_size")
+    return tokenizer
 
 
 def build_train_loader(dataset: PretrainDataset, sources: PretrainSources, cfg: Config,
@@ -195,7 +242,9 @@ def build_train_loader(dataset: PretrainDataset, sources: PretrainSources, cfg: 
 # ---- fine-tuning data --------------------------------------------------------------------------
 
 # The synthetic set's files for each task (data.train / data.val empty), relative to its folder.
-SYNTHETIC_TASK_SOURCES = {
+SYNTHETIC_SOURCES = {
+    "pretrain": {split: SourceConfig(format="coco_captions", annotations=f"annotations/captions_{split}.json",
+                                     images="images") for split in ("train", "val")},
     "vqa": {split: SourceConfig(format="vqa", questions=f"annotations/vqa_questions_{split}.json",
                                 annotations=f"annotations/vqa_annotations_{split}.json", images="images")
             for split in ("train", "val")},
@@ -209,31 +258,15 @@ SYNTHETIC_TASK_SOURCES = {
 }
 
 
-def task_sources(cfg: Config, split: str, dist: DistInfo) -> list[SourceConfig]:
-    """The configured sources of `split` ("train" or "val"), or the synthetic set's."""
-    configured = cfg.data.train if split == "train" else cfg.data.val
-    if configured:
-        return configured
-    root = Path(cfg.data.synthetic_dir)
-    if dist.is_main:
-        ensure_synthetic(root, cfg.data.synthetic_images, cfg.data.synthetic_seed)
-    barrier()
-    source = SYNTHETIC_TASK_SOURCES[cfg.train.task][split]
-    rooted = {k: str(root / getattr(source, k)) if getattr(source, k) else ""
-              for k in ("annotations", "questions", "images")}
-    return [SourceConfig(format=source.format, split=source.split, **rooted)]
-
-
 def read_task_records(cfg: Config, split: str, dist: DistInfo) -> list[Record]:
     """Every record of the split's sources, those with an empty question, statement or caption
     included: training counts and drops them (`with_text`), evaluation counts them and treats
     them like a record whose image cannot be read (VQA still answers them)."""
-    per_source = []
-    for i, source in enumerate(task_sources(cfg, split, dist)):
-        check_source_paths(source, f"data.{split}[{i}]")
-        per_source.append(read_source(source))
-    if split == "train":
-        per_source = without_held_out(per_source, cfg, dist)
+    sources = split_sources(cfg, split, dist)
+    return task_records(cfg, split, read_split(cfg, split, sources, lambda line: log(dist, line)))
+
+
+def task_records(cfg: Config, split: str, per_source: list[list[Record]]) -> list[Record]:
     records = [r for source_records in per_source for r in source_records]
     if not any(r.text.strip() for r in records):
         raise ValueError(f"data.{split}: no {cfg.train.task} records with text")
@@ -263,23 +296,20 @@ def run_dir_of(path: str | Path) -> Path:
                             "inside the pre-training run folder (or set data.tokenizer)")
 
 
-def task_tokenizer(cfg: Config, texts: list[str], dist: DistInfo) -> TextTokenizer:
+def task_tokenizer(cfg: Config, texts: Iterable[str], dist: DistInfo) -> TextTokenizer:
     """The pre-training run's vocabulary when fine-tuning from one (the ids must match its
     embeddings), else data.tokenizer, else one trained on the task's texts; kept in the run."""
+    if not (cfg.task.init_from and not cfg.data.tokenizer):
+        return run_vocabulary(cfg, texts, dist)
     cache = Path(cfg.train.output_dir) / "tokenizer"
-    if cfg.task.init_from and not cfg.data.tokenizer:
-        source = run_dir_of(cfg.task.init_from) / "tokenizer"
-        if dist.is_main and source.resolve() != cache.resolve():
-            cache.mkdir(parents=True, exist_ok=True)
-            for name in ("vocab.txt", "vocab.fingerprint"):
-                if (source / name).is_file():
-                    write_atomic(cache / name, (source / name).read_text(encoding="utf-8"))
-        barrier()
-        return run_tokenizer(cfg.data, cfg.train.output_dir)
-    if dist.is_main:
-        build_tokenizer(cfg.data, texts, cache, cfg.model.vocab_size, cfg.data.tokenizer_cache)
+    source = run_dir_of(cfg.task.init_from) / "tokenizer"
+    if dist.is_main and source.resolve() != cache.resolve():
+        cache.mkdir(parents=True, exist_ok=True)
+        for name in ("vocab.txt", "vocab.fingerprint"):
+            if (source / name).is_file():
+                write_atomic(cache / name, (source / name).read_text(encoding="utf-8"))
     barrier()
-    return build_tokenizer(cfg.data, texts, cache, cfg.model.vocab_size)
+    return fitting(run_tokenizer(cfg.data, cfg.train.output_dir), cfg)
 
 
 @dataclass
@@ -304,17 +334,22 @@ def build_training_data(cfg: Config, dist: DistInfo) -> TrainingData:
             f"tokens, images decoded by {decoder_name}",
             lambda start: build_train_loader(dataset, sources, cfg, dist, start), tokenizer, decoder,
             sources.empty_text_skips, sources.captions + len(sources.empty_text_skips))
-    all_records = read_task_records(cfg, "train", dist)
-    records, empty = with_text(all_records)
-    tokenizer = task_tokenizer(cfg, [r.text for r in records], dist)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
-                         f"{cfg.model.vocab_size}: raise model.vocab_size")
+    sources = split_sources(cfg, "train", dist)
+
+    def read_records() -> tuple[list, dict]:
+        notes: list[str] = []
+        every = task_records(cfg, "train", read_split(cfg, "train", sources, notes.append))
+        kept, empty = with_text(every)
+        return kept, {"empty_text_skips": empty, "attempts": len(every), "notes": notes}
+    records, meta = run_records(cfg, sources, {"task": cfg.train.task}, read_records, dist)
+    tokenizer = task_tokenizer(cfg, (r.text for r in records), dist)
     answers = None
     if cfg.train.task == "vqa":
-        answers = AnswerVocabulary.build(records, cfg.task.min_answer_count)
+        answers_file = Path(cfg.train.output_dir) / ANSWERS_FILE
         if dist.is_main:
-            answers.save(Path(cfg.train.output_dir) / ANSWERS_FILE)
+            AnswerVocabulary.build(records, cfg.task.min_answer_count).save(answers_file)
+        barrier()
+        answers = AnswerVocabulary.load(answers_file)
     images_per_item = 2 if cfg.train.task == "nlvr2" else 1
     decoder, decoder_name = build_decoder(cfg.data, dist.device, cfg.micro_batch_size * images_per_item)
     dataset = TaskDataset(cfg.train.task, records, tokenizer, cfg.data, answers=answers,
@@ -328,5 +363,6 @@ def build_training_data(cfg: Config, dist: DistInfo) -> TrainingData:
     what = f", {len(answers.answers)} answers" if answers else ""
     return TrainingData(f"{cfg.train.task}: {len(records)} training records{what}, vocabulary of "
                         f"{tokenizer.vocab_size} tokens, images decoded by {decoder_name}",
-                        make_loader, tokenizer, decoder, startup_skips=empty,
-                        startup_attempts=len(all_records), answers=answers)
+                        make_loader, tokenizer, decoder,
+                        startup_skips=[tuple(skip) for skip in meta["empty_text_skips"]],
+                        startup_attempts=meta["attempts"], answers=answers)

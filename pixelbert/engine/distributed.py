@@ -203,6 +203,15 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def broadcast_object(value):
+    """Rank 0's `value` (picklable) on every rank; `value` itself without a process group."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather_objects(part) -> list:
     """Every rank's `part` (picklable), in rank order; [part] without a process group."""
     if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):

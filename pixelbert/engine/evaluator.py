@@ -33,7 +33,7 @@ from pixelbert.data.dataset import PretrainDataset, collate, group_by_image
 from pixelbert.data.formats import Record, read_json
 from pixelbert.data.skips import SkipCounter
 from pixelbert.data.tasks import TaskDataset, collate_task
-from pixelbert.engine.data import caption_records, read_task_records, task_sources, with_text
+from pixelbert.engine.data import caption_records, read_task_records, split_sources, with_text
 from pixelbert.engine.distributed import DistInfo, gather_objects
 from pixelbert.engine.eval_setup import EvalSetup, check_readable
 from pixelbert.engine.metrics import MetricsWindow, window_means
@@ -198,7 +198,7 @@ def evaluate_vqa(model, setup: EvalSetup, records: list[Record], split: str, ski
 
 def vqa_annotations(cfg: Config, split: str) -> list[dict]:
     """The `annotations` lists of the split's VQA annotation files (none for a test split)."""
-    sources = task_sources(cfg, split, DistInfo(0, 1, 0, torch.device("cpu")))
+    sources = split_sources(cfg, split, DistInfo(0, 1, 0, torch.device("cpu")))
     return [a for s in sources if s.annotations for a in read_json(s.annotations)["annotations"]]
 
 

@@ -1,0 +1,113 @@
+"""record_cache.py: the main rank reads the training records once and packs them into the
+run; every rank, and every later start with the same sources and code, opens them instead of
+parsing the annotation files again."""
+import json
+import os
+
+import pytest
+import torch
+
+from pixelbert.config import load_config
+from pixelbert.data import synthetic
+from pixelbert.engine import data as engine_data
+from pixelbert.engine.distributed import DistInfo
+from tests.launch import clean_env
+
+MAIN, OTHER = DistInfo(0, 1, 0, torch.device("cpu")), DistInfo(1, 2, 1, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def synthetic_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic.generate(root, 40, 0)
+    return root
+
+
+def config(run, synth, *overrides):
+    return load_config("configs/tiny.json", [f"train.output_dir={run}", f"data.synthetic_dir={synth}",
+                                             "data.synthetic_images=40", "model.backbone_weights=null",
+                                             f"data.tokenizer_cache={run}/tokenizers", "data.num_workers=0",
+                                             *overrides])
+
+
+def count_reads(monkeypatch) -> list:
+    reads, read_source = [], engine_data.read_source
+    monkeypatch.setattr(engine_data, "read_source", lambda source: reads.append(source) or read_source(source))
+    return reads
+
+
+def items(dataset) -> list:
+    return [dataset.groups[i] for i in range(len(dataset))] if hasattr(dataset, "groups") else list(dataset.records)
+
+
+def test_pretraining_records_are_read_once_then_reused(tmp_path, synthetic_set, monkeypatch):
+    """A second start, and a rank other than the main one, open the packed records without
+    reading a source; they hold the same groups, sampler arrays and counts. Changing a source
+    file reads the sources again."""
+    reads = count_reads(monkeypatch)
+    cfg = config(tmp_path / "run", synthetic_set, "data.aspect_grouping_window=4")
+    first, tokenizer, sampling = engine_data.build_pretrain_data(cfg, MAIN)
+    assert len(reads) == 1 and (tmp_path / "run" / "records" / "data.npy").is_file()
+    for dist in (MAIN, OTHER):  # a restart; another rank of the same start
+        again, tokenizer_again, sampling_again = engine_data.build_pretrain_data(cfg, dist)
+        assert len(reads) == 1
+        assert items(again) == items(first) and tokenizer_again.vocab_size == tokenizer.vocab_size
+        assert sampling_again.source_ids.tolist() == sampling.source_ids.tolist()
+        assert sampling_again.aspect_ratios.tolist() == sampling.aspect_ratios.tolist()
+        assert len(set(sampling.aspect_ratios.tolist())) > 1  # the headers' sizes, not all square
+        assert (sampling_again.captions, sampling_again.empty_text_skips) == (sampling.captions, sampling.empty_text_skips)
+    annotations = synthetic_set / "annotations" / "captions_train.json"
+    stat = annotations.stat()
+    os.utime(annotations, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    engine_data.build_pretrain_data(cfg, MAIN)
+    assert len(reads) == 2
+    engine_data.build_pretrain_data(config(tmp_path / "run", synthetic_set, "data.aspect_grouping_window=1"), MAIN)
+    assert len(reads) == 3  # another setting that shapes the records
+
+
+def test_vqa_records_and_answers_are_shared(tmp_path, synthetic_set, monkeypatch):
+    """Fine-tuning data: the other ranks take the records, the answer vocabulary and the skip
+    counts the main rank made."""
+    synth = tmp_path / "synthetic"
+    synthetic.generate(synth, 40, 0)
+    questions = synth / "annotations" / "vqa_questions_train.json"
+    blanked = json.loads(questions.read_text())
+    blanked["questions"][0]["question"] = " "
+    questions.write_text(json.dumps(blanked))
+    reads = count_reads(monkeypatch)
+    cfg = config(tmp_path / "run", synth, "train.task=vqa", "task.min_answer_count=1")
+    main = engine_data.build_training_data(cfg, MAIN)
+    other = engine_data.build_training_data(cfg, OTHER)
+    assert len(reads) == 1
+    assert other.answers.answers == main.answers.answers and len(main.answers.answers) > 3
+    assert other.startup_skips == main.startup_skips and [r for r, _ in main.startup_skips] == ["empty_text"]
+    assert other.startup_attempts == main.startup_attempts == len(blanked["questions"])
+    assert other.description == main.description
+
+
+def test_records_missing_on_another_rank_are_a_clear_error(tmp_path, synthetic_set):
+    """A rank that cannot see the main rank's records (train.output_dir not shared) says so."""
+    cfg = config(tmp_path / "run", synthetic_set)
+    engine_data.build_pretrain_data(cfg, MAIN)
+    (tmp_path / "run" / "records" / "fingerprint").write_text("another start's")
+    with pytest.raises(RuntimeError, match="must be on a file system every rank sees"):
+        engine_data.build_pretrain_data(cfg, OTHER)
+
+
+@pytest.mark.slow
+def test_a_broken_source_stops_every_rank(tmp_path):
+    """Only the main rank reads the sources: its error reaches the other rank, and both stop
+    with it at once instead of one waiting for records that never come."""
+    from tests.launch import run_deepspeed
+    images = tmp_path / "images"
+    images.mkdir()
+    broken = tmp_path / "captions.json"
+    broken.write_text('{"images": [], "annotations": [')
+    source = json.dumps([{"format": "coco_captions", "annotations": str(broken), "images": str(images)}])
+    result = run_deepspeed(["train.py", "--config", "configs/tiny.json", f"train.output_dir={tmp_path / 'run'}",
+                            "model.backbone_weights=null", f"data.train={source}", "train.max_steps=2",
+                            "train.warmup_steps=1"], 2,
+                           clean_env(PYTHONUNBUFFERED="1"), timeout=300)
+    assert result.returncode != 0
+    message = f"{broken}: invalid JSON at line 1"
+    assert result.stderr.count(message) >= 2, result.stderr[-4000:]  # once per rank
