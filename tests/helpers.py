@@ -44,3 +44,12 @@ class FailingDecoder:
         good = [i for i in range(len(encoded)) if i not in self.bad]
         return SimpleNamespace(images=torch.ones(len(good), 3, 64, 64), sizes=torch.full((len(good), 2), 64),
                                failed=[(i, "truncated", "cut short") for i in sorted(self.bad)])
+
+
+def split_records(cfg, split: str, dist=None) -> list:
+    """Each source's records of the config's `split`, read as training and evaluation read them
+    (training: minus data.exclude's images), the notes printed."""
+    from pixelbert.engine.data import read_split, split_sources
+    from pixelbert.engine.distributed import DistInfo
+    dist = dist or DistInfo(0, 1, 0, torch.device("cpu"))
+    return read_split(cfg, split, split_sources(cfg, split, dist), print)

@@ -349,13 +349,11 @@ def test_image_sizes_for_aspect_grouping_come_from_headers_once(images, tmp_path
     from PIL import Image
 
     from pixelbert.engine import data as engine_data
-    from pixelbert.engine.distributed import DistInfo
     grouped = group_by_image([[Record(str(p), i, "a caption") for i, p in enumerate(images[:4])]
                               + [Record(str(tmp_path / "gone.jpg"), 99, "lost")]])
     grouped.groups[0].size = (1, 2)  # from the annotations: kept as given
-    one_rank = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     cache = tmp_path / "run" / "image_sizes.json"
-    engine_data.complete_sizes(grouped, cache, one_rank)
+    engine_data.complete_sizes(grouped, cache)
     assert grouped.groups[0].size == (1, 2)
     for group, path in zip(grouped.groups[1:4], images[1:4]):
         with Image.open(path) as img:
@@ -365,5 +363,5 @@ def test_image_sizes_for_aspect_grouping_come_from_headers_once(images, tmp_path
     again = group_by_image([[Record(str(p), i, "a caption", size=(1, 2) if i == 0 else None)
                               for i, p in enumerate(images[:4])]])
     monkeypatch.setattr(engine_data, "header_size", lambda path: pytest.fail("read a header again"))
-    engine_data.complete_sizes(again, cache, one_rank)
+    engine_data.complete_sizes(again, cache)
     assert [g.size for g in again.groups[1:]] == [g.size for g in grouped.groups[1:4]]

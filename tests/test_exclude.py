@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pixelbert.config import ConfigError, load_config
-from pixelbert.engine.data import caption_records, read_task_records
+from tests.helpers import split_records
 from pixelbert.engine.distributed import DistInfo
 
 DIST = DistInfo(0, 1, 0, torch.device("cpu"))
@@ -62,20 +62,20 @@ def test_held_out_images_leave_every_training_source(files, capsys):
     held_out = f'data.exclude=[{source(format="karpathy", annotations=files["karpathy"], split="test")}]'
     train = (f'data.train=[{source(format="coco_captions", annotations=files["coco"], images=files["root"])}, '
              f'{source(format="vg_regions", annotations=files["vg"], images=files["root"] + "/vg", image_data=files["image_data"])}]')
-    coco, vg = caption_records(config(files, train, held_out), "train", DIST)
+    coco, vg = split_records(config(files, train, held_out), "train", DIST)
     assert [r.text for r in coco] == ["caption 0 of 2", "caption 1 of 2"]
     assert [r.image_id for r in vg] == [102, 104]  # 101 and 103 are COCO 1 and 3
     assert "holds out 2 COCO images: removed 6 training records of 2 of them (per source: [4, 2])" \
         in capsys.readouterr().out
-    everything = caption_records(config(files, train), "train", DIST)
+    everything = split_records(config(files, train), "train", DIST)
     assert [len(records) for records in everything] == [6, 4]
     # Validation data is what it is: only training loses the held-out images.
     val = config(files, train.replace("data.train", "data.val"), held_out)
-    assert [len(records) for records in caption_records(val, "val", DIST)] == [6, 4]
+    assert [len(records) for records in split_records(val, "val", DIST)] == [6, 4]
     # Fine-tuning too: VQA's questions on a held-out image go.
     vqa = config(files, "train.task=vqa", held_out,
                  f'data.train=[{source(format="vqa", questions=files["vqa"], images=files["root"])}]')
-    assert [r.question_id for r in read_task_records(vqa, "train", DIST)] == [200]
+    assert [r.question_id for s in split_records(vqa, "train") for r in s] == [200]
 
 
 def test_exclude_needs_coco_ids(files):
@@ -92,7 +92,7 @@ def test_exclude_needs_coco_ids(files):
     cfg = config(files, f'data.exclude=[{source(format="karpathy", annotations=flickr, split="test")}]',
                  f'data.train=[{source(format="coco_captions", annotations=files["coco"], images=files["root"])}]')
     with pytest.raises(ValueError, match=r"names no COCO image"):
-        caption_records(cfg, "train", DIST)
+        split_records(cfg, "train", DIST)
 
 
 def test_synthetic_set_holds_out_its_karpathy_test_images_from_coco_and_vg(tmp_path):
@@ -113,8 +113,8 @@ def test_synthetic_set_holds_out_its_karpathy_test_images_from_coco_and_vg(tmp_p
     train = f"data.train=[{', '.join(sources)}]"
     held_out = f'data.exclude=[{source(format="karpathy", annotations=str(ann / "dataset_synthetic.json"), split="test")}]'
     files = {"root": str(tmp_path)}
-    everything = caption_records(config(files, train), "train", DIST)
-    kept = caption_records(config(files, train, held_out), "train", DIST)
+    everything = split_records(config(files, train), "train", DIST)
+    kept = split_records(config(files, train, held_out), "train", DIST)
     for before, after in zip(everything, kept):
         assert [r for r in before if r.coco_id not in test_ids] == after
     assert [{r.coco_id for r in records} & test_ids for records in everything] == [set(), test_ids, set(), test_ids]

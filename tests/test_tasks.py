@@ -18,7 +18,7 @@ from pixelbert.engine.batches import BatchPreparer
 from pixelbert.engine.weights import load_weights
 from pixelbert.model import PixelBert
 from pixelbert.model.tasks import PixelBertForNLVR2, PixelBertForRetrieval, PixelBertForVQA
-from tests.helpers import FailingDecoder, tiny_config
+from tests.helpers import FailingDecoder, split_records, tiny_config
 
 DATA = DataConfig(image_shorter=64, image_longer=128, max_text_len=16, num_workers=0)
 
@@ -459,7 +459,7 @@ def test_evaluate_cli_end_to_end(synth, records, tmp_path, capsys):
 
 def eval_run(tmp_path: Path, synth: Path, task: str, *overrides: str) -> tuple[Path, list]:
     """A run folder to evaluate: the task's config on `synth`, a vocabulary, untrained weights."""
-    from pixelbert.engine.data import ANSWERS_FILE, read_task_records
+    from pixelbert.engine.data import ANSWERS_FILE
     from pixelbert.engine.distributed import DistInfo
     from pixelbert.model.tasks import build_model
     run = tmp_path / "run"
@@ -468,7 +468,7 @@ def eval_run(tmp_path: Path, synth: Path, task: str, *overrides: str) -> tuple[P
                                             "model.backbone_weights=null", "data.image_shorter=64",
                                             "data.image_longer=128", *overrides])
     dist = DistInfo(0, 1, 0, torch.device("cpu"))
-    train, val = read_task_records(cfg, "train", dist), read_task_records(cfg, "val", dist)
+    train, val = ([r for s in split_records(cfg, split, dist) for r in s] for split in ("train", "val"))
     build_tokenizer(DATA, [r.text for r in train + val], run / "tokenizer", 100)
     answers = AnswerVocabulary.build(train, 1) if task == "vqa" else None
     if answers:
@@ -568,6 +568,31 @@ def test_evaluation_decoded_by_dali_matches_pil(tmp_path, task):
         # of theirs, which are the text's); images swapped would move it by the spread.
         torch.testing.assert_close(image_part["dali"], image_part["pil"], rtol=0,
                                    atol=0.25 * image_part["pil"].std().item())
+
+
+def test_repeated_vqa_evaluation_reads_each_file_once_per_process(tmp_path, monkeypatch):
+    """Validation runs many times in a training run: the val records are packed into the run
+    once (records-eval-val/), and the training annotations behind the question-type baseline
+    are read once per process; the val annotations (the accuracy itself) at each evaluation,
+    by the main rank alone. The reports stay the same."""
+    from pixelbert import evaluate
+    from pixelbert.engine import data as engine_data, evaluator
+    synth = tmp_path / "synthetic"
+    run, _ = eval_run(tmp_path, synth, "vqa")
+    sources, annotations = [], []
+    read_source, read_json = engine_data.read_source, evaluator.read_json
+    monkeypatch.setattr(engine_data, "read_source", lambda source: sources.append(source) or read_source(source))
+    monkeypatch.setattr(evaluator, "read_json", lambda path: annotations.append(Path(path).name) or read_json(path))
+    evaluator.type_answers.cache_clear()
+    reports = []
+    for _ in range(2):
+        assert evaluate.main(["--config", str(run / "config.json"), "--checkpoint", str(run / "weights.pt")]) == 0
+        reports.append(json.loads((run / "eval_vqa_val.json").read_text()))
+    assert len(sources) == 1 and (run / "records-eval-val" / "data.npy").is_file()
+    assert sorted(annotations) == ["vqa_annotations_train.json"] + ["vqa_annotations_val.json"] * 2
+    assert reports[0]["question_type_prior_baseline"] > 0
+    assert [{k: v for k, v in r.items() if k != "eval_s"} for r in reports] == \
+        [{k: v for k, v in reports[0].items() if k != "eval_s"}] * 2
 
 
 def test_empty_questions_are_counted_in_training_and_answered_in_evaluation(tmp_path, capsys):

@@ -99,13 +99,6 @@ class PretrainSources:
     empty_text_skips: list[tuple[str, str]]
 
 
-def caption_records(cfg: Config, split: str, dist: DistInfo) -> list[list[Record]]:
-    """The image-caption records of each configured source of `split` ("train" or "val"), or
-    of the synthetic set's captions_<split>.json."""
-    sources = split_sources(cfg, split, dist, "pretrain")
-    return read_split(cfg, split, sources, lambda line: log(dist, line))
-
-
 def read_split(cfg: Config, split: str, sources: list[SourceConfig],
                say: Callable[[str], None]) -> list[list[Record]]:
     """The records of each of `split`'s sources (training: minus data.exclude's images)."""
@@ -117,22 +110,29 @@ def read_split(cfg: Config, split: str, sources: list[SourceConfig],
 
 
 def split_sources(cfg: Config, split: str, dist: DistInfo, task: Optional[str] = None) -> list[SourceConfig]:
-    """The configured sources of `split` ("train" or "val"), or the synthetic set's (written
-    by the main rank; the others wait for it) for `task` (by default the config's)."""
+    """The configured sources of `split` ("train" or "val"), or the synthetic set's for `task`
+    (by default the config's), which the main rank writes first while the others wait."""
     task = task or cfg.train.task
     configured = cfg.data.train if split == "train" else cfg.data.val
+    if not configured:
+        if dist.is_main:
+            ensure_synthetic(Path(cfg.data.synthetic_dir), cfg.data.synthetic_images, cfg.data.synthetic_seed)
+        barrier()
+    elif task == "pretrain":
+        for i, source in enumerate(configured):
+            if source.format not in CAPTION_FORMATS:
+                raise ValueError(f"data.{split}[{i}].format={source.format!r} has no captions to pre-train "
+                                 f"on (MLM + ITM take {CAPTION_FORMATS}); it is a fine-tuning format")
+    return named_sources(cfg, split, task)
+
+
+def named_sources(cfg: Config, split: str, task: Optional[str] = None) -> list[SourceConfig]:
+    """The configured sources of `split`, or the synthetic set's (as `split_sources`, without
+    writing the set: for a rank on its own once it exists)."""
+    configured = cfg.data.train if split == "train" else cfg.data.val
     if configured:
-        if task == "pretrain":
-            for i, source in enumerate(configured):
-                if source.format not in CAPTION_FORMATS:
-                    raise ValueError(f"data.{split}[{i}].format={source.format!r} has no captions to pre-train "
-                                     f"on (MLM + ITM take {CAPTION_FORMATS}); it is a fine-tuning format")
         return configured
-    root = Path(cfg.data.synthetic_dir)
-    if dist.is_main:
-        ensure_synthetic(root, cfg.data.synthetic_images, cfg.data.synthetic_seed)
-    barrier()
-    source = SYNTHETIC_SOURCES[task][split]
+    root, source = Path(cfg.data.synthetic_dir), SYNTHETIC_SOURCES[task or cfg.train.task][split]
     rooted = {k: str(root / getattr(source, k)) if getattr(source, k) else ""
               for k in ("annotations", "questions", "images")}
     return [SourceConfig(format=source.format, split=source.split, **rooted)]
@@ -185,7 +185,7 @@ def build_pretrain_data(cfg: Config, dist: DistInfo, *, encoded_images: bool = F
             "captions": sum(len(g.texts) for g in grouped.groups),
             "empty_text_skips": grouped.empty_text_skips(), "notes": notes}
     settings = {"task": "pretrain", "sizes": cfg.data.aspect_grouping_window > 1}
-    groups, meta = run_records(cfg, sources, settings, read_groups, dist)
+    groups, meta = run_records(cfg, "records", sources, settings, read_groups, dist)
     tokenizer = run_vocabulary(cfg, (text for group in groups for text in group.texts), dist)
     if cfg.data.max_text_len > cfg.model.max_position_embeddings:
         raise ValueError(f"data.max_text_len ({cfg.data.max_text_len}) exceeds "
@@ -196,16 +196,16 @@ def build_pretrain_data(cfg: Config, dist: DistInfo, *, encoded_images: bool = F
     return PretrainDataset(groups, tokenizer, cfg.data, encoded_images=encoded_images), tokenizer, sampling
 
 
-def run_records(cfg: Config, sources: list[SourceConfig], settings: dict,
+def run_records(cfg: Config, name: str, sources: list[SourceConfig], settings: dict,
                 read: Callable[[], tuple[list, dict]], dist: DistInfo) -> tuple[PackedList, dict]:
-    """The run's training records and their meta, read by `read` on the main rank or found in
-    the run's records/ folder from an earlier start (record_cache.py), memory-mapped on every rank."""
-    folder = Path(cfg.train.output_dir) / "records"
+    """Records and their meta, read by `read` on the main rank or found in the run's `name`
+    folder from an earlier start (record_cache.py), memory-mapped on every rank."""
+    folder = Path(cfg.train.output_dir) / name
     settings = {**settings, "exclude": [dataclasses.asdict(s) for s in cfg.data.exclude]}
     records, meta, fresh = shared_records(folder, settings, sources + list(cfg.data.exclude), read, dist)
     for note in meta["notes"]:
         log(dist, note)
-    log(dist, f"training records ({len(records)} items) {'read and packed into' if fresh else 'reused from'} {folder}")
+    log(dist, f"{name}: {len(records)} items {'read and packed into' if fresh else 'reused from'} {folder}")
     return records, meta
 
 
@@ -256,14 +256,6 @@ SYNTHETIC_SOURCES = {
                   "val": SourceConfig(format="karpathy", annotations="annotations/dataset_synthetic.json",
                                       images=".", split="test")},
 }
-
-
-def read_task_records(cfg: Config, split: str, dist: DistInfo) -> list[Record]:
-    """Every record of the split's sources, those with an empty question, statement or caption
-    included: training counts and drops them (`with_text`), evaluation counts them and treats
-    them like a record whose image cannot be read (VQA still answers them)."""
-    sources = split_sources(cfg, split, dist)
-    return task_records(cfg, split, read_split(cfg, split, sources, lambda line: log(dist, line)))
 
 
 def task_records(cfg: Config, split: str, per_source: list[list[Record]]) -> list[Record]:
@@ -341,7 +333,7 @@ def build_training_data(cfg: Config, dist: DistInfo) -> TrainingData:
         every = task_records(cfg, "train", read_split(cfg, "train", sources, notes.append))
         kept, empty = with_text(every)
         return kept, {"empty_text_skips": empty, "attempts": len(every), "notes": notes}
-    records, meta = run_records(cfg, sources, {"task": cfg.train.task}, read_records, dist)
+    records, meta = run_records(cfg, "records", sources, {"task": cfg.train.task}, read_records, dist)
     tokenizer = task_tokenizer(cfg, (r.text for r in records), dist)
     answers = None
     if cfg.train.task == "vqa":

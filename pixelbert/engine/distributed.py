@@ -12,9 +12,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional, TypeVar
 
 import torch
 from tqdm import tqdm
+
+T = TypeVar("T")
 
 
 def configure_accelerator() -> None:
@@ -210,6 +213,25 @@ def broadcast_object(value):
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(dist: DistInfo, compute: Callable[[], T]) -> Optional[T]:
+    """`compute()` on the main rank; its result on every rank, or its error raised on every
+    rank (none is left waiting for a result that will not come). Without a process group, a
+    rank other than the main one gets None."""
+    outcome = None
+    if dist.is_main:
+        try:
+            outcome = (compute(), None)
+        except Exception as error:  # noqa: BLE001 - raised on every rank below
+            outcome = (None, error)
+    outcome = broadcast_object(outcome)
+    if outcome is None:
+        return None
+    result, error = outcome
+    if error is not None:
+        raise error
+    return result
 
 
 def gather_objects(part) -> list:

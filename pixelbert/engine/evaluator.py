@@ -20,9 +20,9 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -33,20 +33,27 @@ from pixelbert.data.dataset import PretrainDataset, collate, group_by_image
 from pixelbert.data.formats import Record, read_json
 from pixelbert.data.skips import SkipCounter
 from pixelbert.data.tasks import TaskDataset, collate_task
-from pixelbert.engine.data import caption_records, read_task_records, split_sources, with_text
-from pixelbert.engine.distributed import DistInfo, gather_objects
+from pixelbert.engine.data import named_sources, read_split, run_records, split_sources, task_records, with_text
+from pixelbert.engine.distributed import DistInfo, gather_objects, on_main
 from pixelbert.engine.eval_setup import EvalSetup, check_readable
 from pixelbert.engine.metrics import MetricsWindow, window_means
 from pixelbert.engine.retrieval_eval import evaluate_retrieval
 from pixelbert.fileio import write_atomic
 
 
-def read_eval_records(cfg: Config, split: str, dist: DistInfo, limit: int = 0) -> list[Record]:
-    """The split's records (data.val, or the synthetic set's), the first `limit` when > 0."""
-    if cfg.train.task == "pretrain":
-        records = [r for source in caption_records(cfg, split, dist) for r in source]
-    else:
-        records = read_task_records(cfg, split, dist)
+def read_eval_records(cfg: Config, split: str, dist: DistInfo, limit: int = 0) -> Sequence[Record]:
+    """The split's records (data.val, or the synthetic set's), the first `limit` when > 0; read
+    by the main rank into the run's records-eval-<split>/ and opened by every rank there
+    (record_cache.py), the empty ones included (each task counts them)."""
+    task = cfg.train.task
+    sources = split_sources(cfg, split, dist, task)
+
+    def read() -> tuple[list[Record], dict]:
+        notes: list[str] = []
+        per_source = read_split(cfg, split, sources, notes.append)
+        records = [r for s in per_source for r in s] if task == "pretrain" else task_records(cfg, split, per_source)
+        return records, {"notes": notes}
+    records = run_records(cfg, f"records-eval-{split}", sources, {"task": task, "split": split}, read, dist)[0]
     return records[:limit] if limit > 0 else records
 
 
@@ -179,27 +186,49 @@ def evaluate_vqa(model, setup: EvalSetup, records: list[Record], split: str, ski
     report: dict = {"results_file": str(results_file), "questions": len(predictions),
                     "fallback_answers": len(unanswered)}
     asked = {r.question_id for r in records}  # all of the split, or the first records of it
+    # The annotation files are read by the main rank alone; every rank gets its report.
+    accuracy = on_main(setup.dist, lambda: vqa_accuracy_report(cfg, split, predictions, asked, answers.answers[0]))
+    return {**report, **(accuracy or {})}
+
+
+def vqa_accuracy_report(cfg: Config, split: str, predictions: dict[int, str], asked: set[int],
+                        majority: str) -> dict:
+    """The official accuracy of `predictions` on the `asked` questions, and two blind baselines:
+    the most frequent training answer (`majority`), and per question type its most frequent
+    training answer (what a model that ignores the image can reach). {} without annotations."""
     annotations = [a for a in vqa_annotations(cfg, split) if a["question_id"] in asked]
-    if annotations:
-        report.update(evaluation.vqa_accuracy(predictions, annotations))
-        # Two blind baselines: the most frequent training answer, and per question type its most
-        # frequent training answer (what a model that ignores the image can reach).
-        majority = answers.answers[0]
-        report["majority_answer_baseline"] = evaluation.vqa_accuracy(
-            {q: majority for q in predictions}, annotations)["overall"]
-        by_type: dict[str, Counter] = {}
-        for a in vqa_annotations(cfg, "train"):
-            by_type.setdefault(a["question_type"], Counter())[evaluation.normalize_answer(a["multiple_choice_answer"])] += 1
-        prior = {a["question_id"]: by_type.get(a["question_type"], Counter({majority: 1})).most_common(1)[0][0]
-                 for a in annotations}
-        report["question_type_prior_baseline"] = evaluation.vqa_accuracy(prior, annotations)["overall"]
+    if not annotations:
+        return {}
+    report = evaluation.vqa_accuracy(predictions, annotations)
+    report["majority_answer_baseline"] = evaluation.vqa_accuracy(
+        {q: majority for q in predictions}, annotations)["overall"]
+    by_type = type_answers(tuple(source_files(cfg, "train")))
+    prior = {a["question_id"]: by_type.get(a["question_type"], majority) for a in annotations}
+    report["question_type_prior_baseline"] = evaluation.vqa_accuracy(prior, annotations)["overall"]
     return report
+
+
+def source_files(cfg: Config, split: str) -> list[tuple[str, int, int]]:
+    """(path, size, modification time) of each VQA annotation file of the split."""
+    sources = named_sources(cfg, split)  # the main rank alone: no collective step here
+    return [(s.annotations, Path(s.annotations).stat().st_size, Path(s.annotations).stat().st_mtime_ns)
+            for s in sources if s.annotations]
+
+
+@lru_cache(maxsize=2)
+def type_answers(files: tuple[tuple[str, int, int], ...]) -> dict[str, str]:
+    """Per question type, its most frequent training answer (normalised) in the annotation
+    `files`: read once per process, not at every validation."""
+    by_type: dict[str, Counter] = {}
+    for path, _, _ in files:
+        for a in read_json(path)["annotations"]:
+            by_type.setdefault(a["question_type"], Counter())[evaluation.normalize_answer(a["multiple_choice_answer"])] += 1
+    return {kind: counts.most_common(1)[0][0] for kind, counts in by_type.items()}
 
 
 def vqa_annotations(cfg: Config, split: str) -> list[dict]:
     """The `annotations` lists of the split's VQA annotation files (none for a test split)."""
-    sources = split_sources(cfg, split, DistInfo(0, 1, 0, torch.device("cpu")))
-    return [a for s in sources if s.annotations for a in read_json(s.annotations)["annotations"]]
+    return [a for path, _, _ in source_files(cfg, split) for a in read_json(path)["annotations"]]
 
 
 def evaluate_nlvr2(model, setup: EvalSetup, records: list[Record], skips: SkipCounter,
@@ -230,9 +259,10 @@ def evaluate_nlvr2(model, setup: EvalSetup, records: list[Record], skips: SkipCo
 
 
 def nlvr2_train(cfg: Config, dist: DistInfo) -> list:
-    """The training statements for the statement-prior baseline (none when they are missing)."""
+    """The training statements for the statement-prior baseline (none when they are missing):
+    read once into the run (read_eval_records), not at every validation."""
     try:
-        return with_text(read_task_records(cfg, "train", dist))[0]
+        return with_text(read_eval_records(cfg, "train", dist))[0]
     except FileNotFoundError as e:
         print(f"no statement-prior baseline: {e}", file=sys.stderr)
         return []

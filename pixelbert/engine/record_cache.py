@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 
 from pixelbert.config import SourceConfig
 from pixelbert.data.packed import PackedList
-from pixelbert.engine.distributed import DistInfo, broadcast_object
+from pixelbert.engine.distributed import DistInfo, on_main
 from pixelbert.fileio import write_atomic
 
 FINGERPRINT_FILE, META_FILE = "fingerprint", "meta.json"
@@ -62,20 +62,17 @@ def shared_records(folder: str | Path, settings: dict, sources: list[SourceConfi
     error there is raised on every rank, so none waits for records that will not come."""
     folder = Path(folder)
     expected = fingerprint(settings, sources)
-    fresh, error = False, None
-    if dist.is_main and not holds(folder, expected):
-        try:
-            (folder / FINGERPRINT_FILE).unlink(missing_ok=True)  # a crash below leaves no valid-looking cache
-            items, meta = build()
-            PackedList(items).save(folder)
-            write_atomic(folder / META_FILE, json.dumps(meta))
-            write_atomic(folder / FINGERPRINT_FILE, expected)
-            fresh = True
-        except Exception as failure:  # noqa: BLE001 - raised on every rank below
-            error = failure
-    error = broadcast_object(error)  # also: the others wait here while the main rank reads
-    if error is not None:
-        raise error
+
+    def read_unless_held() -> bool:
+        if holds(folder, expected):
+            return False
+        (folder / FINGERPRINT_FILE).unlink(missing_ok=True)  # a crash below leaves no valid-looking cache
+        items, meta = build()
+        PackedList(items).save(folder)
+        write_atomic(folder / META_FILE, json.dumps(meta))
+        write_atomic(folder / FINGERPRINT_FILE, expected)
+        return True
+    fresh = bool(on_main(dist, read_unless_held))  # the others wait here while the main rank reads
     if not holds(folder, expected):
         raise RuntimeError(f"{folder}: the records the main rank saved are not there on rank {dist.rank}: "
                            "train.output_dir must be on a file system every rank sees")
