@@ -57,7 +57,7 @@ def holds(folder: Path, expected: str) -> bool:
 def shared_records(folder: str | Path, settings: dict, sources: list[SourceConfig],
                    build: Callable[[], tuple[Iterable, dict]], dist: DistInfo,
                    ) -> tuple[PackedList, dict, bool]:
-    """(the records, their meta, whether this rank read them now). The main rank calls `build`
+    """(the records, their meta, whether the main rank read them now). The main rank calls `build`
     (-> the records and a JSON-able meta) unless `folder` already holds this fingerprint's; an
     error there is raised on every rank, so none waits for records that will not come."""
     folder = Path(folder)
