@@ -70,3 +70,17 @@ def test_exit_after_a_process_group_runs_atexit_handlers_and_keeps_the_code(tmp_
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 3 and done.stdout == "buffered", done.stderr
     assert marker.read_text() == "ran"
+
+
+def test_on_main_runs_on_the_main_rank_and_raises_its_error():
+    """Without a process group: the main rank computes (its error is raised); another rank does
+    not compute. (Two ranks: test_record_cache's broken source reaches both.)"""
+    import pytest
+    import torch
+    main, other = (distributed.DistInfo(r, 2, r, torch.device("cpu")) for r in (0, 1))
+    calls = []
+    assert distributed.on_main(main, lambda: calls.append("main") or 7) == 7
+    assert distributed.on_main(other, lambda: calls.append("other") or 7) is None
+    assert calls == ["main"]
+    with pytest.raises(ValueError, match="bad source"):
+        distributed.on_main(main, lambda: (_ for _ in ()).throw(ValueError("bad source")))

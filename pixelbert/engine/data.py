@@ -23,7 +23,7 @@ from pixelbert.data.synthetic import ensure_synthetic
 from pixelbert.data.tasks import AnswerVocabulary, TaskDataset, collate_task
 from pixelbert.data.tokenizer import TextTokenizer, build_tokenizer, run_tokenizer
 from pixelbert.engine.decoding import build_decoder
-from pixelbert.engine.distributed import DistInfo, barrier, log
+from pixelbert.engine.distributed import DistInfo, barrier, log, on_main
 from pixelbert.engine.record_cache import shared_records
 from pixelbert.fileio import write_atomic
 
@@ -212,10 +212,9 @@ def run_records(cfg: Config, name: str, sources: list[SourceConfig], settings: d
 def run_vocabulary(cfg: Config, texts: Iterable[str], dist: DistInfo) -> TextTokenizer:
     """data.tokenizer, or the vocabulary the main rank trains on `texts` (or finds cached): every
     rank then reads the run's copy."""
-    if dist.is_main:  # train (or check) the cached vocabulary once, then every rank reads it
-        build_tokenizer(cfg.data, texts, Path(cfg.train.output_dir) / "tokenizer", cfg.model.vocab_size,
-                        cfg.data.tokenizer_cache)
-    barrier()
+    # The main rank trains (or checks) the cached vocabulary; its error, if any, stops every rank.
+    on_main(dist, lambda: build_tokenizer(cfg.data, texts, Path(cfg.train.output_dir) / "tokenizer",
+                                          cfg.model.vocab_size, cfg.data.tokenizer_cache) and None)
     return fitting(run_tokenizer(cfg.data, cfg.train.output_dir), cfg)
 
 
@@ -295,12 +294,14 @@ def task_tokenizer(cfg: Config, texts: Iterable[str], dist: DistInfo) -> TextTok
         return run_vocabulary(cfg, texts, dist)
     cache = Path(cfg.train.output_dir) / "tokenizer"
     source = run_dir_of(cfg.task.init_from) / "tokenizer"
-    if dist.is_main and source.resolve() != cache.resolve():
-        cache.mkdir(parents=True, exist_ok=True)
-        for name in ("vocab.txt", "vocab.fingerprint"):
-            if (source / name).is_file():
-                write_atomic(cache / name, (source / name).read_text(encoding="utf-8"))
-    barrier()
+
+    def copy_vocabulary() -> None:
+        if source.resolve() != cache.resolve():
+            cache.mkdir(parents=True, exist_ok=True)
+            for name in ("vocab.txt", "vocab.fingerprint"):
+                if (source / name).is_file():
+                    write_atomic(cache / name, (source / name).read_text(encoding="utf-8"))
+    on_main(dist, copy_vocabulary)
     return fitting(run_tokenizer(cfg.data, cfg.train.output_dir), cfg)
 
 
@@ -338,9 +339,7 @@ def build_training_data(cfg: Config, dist: DistInfo) -> TrainingData:
     answers = None
     if cfg.train.task == "vqa":
         answers_file = Path(cfg.train.output_dir) / ANSWERS_FILE
-        if dist.is_main:
-            AnswerVocabulary.build(records, cfg.task.min_answer_count).save(answers_file)
-        barrier()
+        on_main(dist, lambda: AnswerVocabulary.build(records, cfg.task.min_answer_count).save(answers_file))
         answers = AnswerVocabulary.load(answers_file)
     images_per_item = 2 if cfg.train.task == "nlvr2" else 1
     decoder, decoder_name = build_decoder(cfg.data, dist.device, cfg.micro_batch_size * images_per_item)
