@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pixelbert.engine.distributed import DistInfo, barrier
+from pixelbert.engine.distributed import DistInfo, barrier, on_main
 from pixelbert.fileio import torch_save_atomic, write_atomic
 
 LATEST = "latest"
@@ -49,12 +49,13 @@ def save(engine, directory: str | Path, step: int, dist: DistInfo, client_state:
     engine.save_checkpoint(str(directory), tag=tag, client_state={"step": step, **(client_state or {})},
                            save_latest=False)
     torch_save_atomic(rng_state(), directory / tag / f"rng_rank{dist.rank}.pt")
-    barrier()
-    if dist.is_main:
+    barrier()  # every rank's part is written: the tag is complete
+
+    def mark() -> None:
         write_atomic(directory / LATEST, tag)
         if best is not None:
             write_atomic(directory / BEST, json.dumps({"tag": tag, "step": step, **best}))
-    barrier()
+    on_main(dist, mark)  # a failure there (a full disk) stops every rank
     if keep and dist.is_main:  # the folder is shared by all ranks, as resuming from it requires
         prune(directory, keep)
     return directory / tag

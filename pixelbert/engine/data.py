@@ -23,7 +23,7 @@ from pixelbert.data.synthetic import ensure_synthetic
 from pixelbert.data.tasks import AnswerVocabulary, TaskDataset, collate_task
 from pixelbert.data.tokenizer import TextTokenizer, build_tokenizer, run_tokenizer
 from pixelbert.engine.decoding import build_decoder
-from pixelbert.engine.distributed import DistInfo, barrier, log, on_main
+from pixelbert.engine.distributed import DistInfo, log, on_main
 from pixelbert.engine.record_cache import shared_records
 from pixelbert.fileio import write_atomic
 
@@ -115,9 +115,8 @@ def split_sources(cfg: Config, split: str, dist: DistInfo, task: Optional[str] =
     task = task or cfg.train.task
     configured = cfg.data.train if split == "train" else cfg.data.val
     if not configured:
-        if dist.is_main:
-            ensure_synthetic(Path(cfg.data.synthetic_dir), cfg.data.synthetic_images, cfg.data.synthetic_seed)
-        barrier()
+        on_main(dist, lambda: ensure_synthetic(Path(cfg.data.synthetic_dir), cfg.data.synthetic_images,
+                                               cfg.data.synthetic_seed) and None)
     elif task == "pretrain":
         for i, source in enumerate(configured):
             if source.format not in CAPTION_FORMATS:
