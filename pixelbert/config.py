@@ -158,6 +158,11 @@ class DataConfig:
     # Trained vocabularies are shared here by caption fingerprint, so that every run on the same
     # captions gets the same token ids (the WordPiece trainer is not deterministic).
     tokenizer_cache: str = "~/.cache/pixelbert/tokenizers"
+    # The records read from the sources are packed once per run, in the run folder (""), or in
+    # this folder shared by runs, one entry per fingerprint of sources, settings and reading code,
+    # so that fine-tuning runs on the same data read the annotation files once. It must be on a
+    # file system every rank sees. An entry no run is using may be deleted.
+    records_cache: str = ""
     lowercase: bool = True
     max_text_len: int = 40  # including [CLS] and [SEP]
     # Resize keeping aspect ratio: shorter side to image_shorter, longer side at most image_longer.

@@ -12,8 +12,10 @@ recalls averaged over five folds of the 5K split, each ranked alone); a pre-trai
 the split's captions. A checkpoint must hold every tensor of the config's model: a head left at
 random would be evaluated as if trained. Launched on several ranks (`deepspeed --num_gpus N --module
 pixelbert.evaluate ...`) the ranks split the work and report what one rank would. Results go
-to stdout and `RUN/eval_<task>_<split>.json`. The work itself is `pixelbert.engine.evaluator`,
-which training's `train.eval_every` runs too.
+to stdout and `RUN/eval_<task>_<split>.json`; with `--out DIR` (a run folder that is read-only,
+or shared), that file, VQA's results file and the split's packed records (unless
+`data.records_cache` holds them) go to DIR instead. The work itself is
+`pixelbert.engine.evaluator`, which training's `train.eval_every` runs too.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +34,7 @@ from pixelbert.data.skips import SkipCounter, TooManyBadRecords, summary
 from pixelbert.data.tasks import AnswerVocabulary
 from pixelbert.data.tokenizer import run_tokenizer
 from pixelbert.engine.data import ANSWERS_FILE
-from pixelbert.engine.distributed import (DistInfo, configure_accelerator, exit_process, init_distributed,
+from pixelbert.engine.distributed import (DistInfo, configure_accelerator, exit_process, init_distributed, on_main,
                                           shutdown_distributed)
 from pixelbert.engine.eval_setup import EvalSetup, eval_decoder
 from pixelbert.engine.evaluator import evaluate, read_eval_records
@@ -52,6 +55,8 @@ def run(argv=None) -> int:
     parser.add_argument("--config", required=True, help="the run's config.json")
     parser.add_argument("--checkpoint", required=True, help="run folder, checkpoints/ folder, step_N folder or weights file")
     parser.add_argument("--split", default="val", help="data.val (or the synthetic set's evaluation split)")
+    parser.add_argument("--out", default=None, help="folder for the report, VQA's results file and the split's "
+                        "records (default: the run folder, train.output_dir)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
@@ -66,7 +71,14 @@ def run(argv=None) -> int:
         dist = init_distributed()
     else:  # one process: no process group (it would hold a port in the caller's process)
         dist = DistInfo(0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    run_dir = Path(cfg.train.output_dir)
+    run_dir = Path(cfg.train.output_dir)  # the run's tokenizer and answers are read from here
+    out_dir = Path(args.out) if args.out else run_dir
+    cfg.train.output_dir = str(out_dir)  # what the evaluation writes goes here
+    try:
+        on_main(dist, lambda: check_writable(out_dir))
+    except OSError as e:
+        print(f"error: cannot write the evaluation's outputs to {out_dir} ({e}): pass --out DIR", file=sys.stderr)
+        return 2
     try:
         tokenizer = run_tokenizer(cfg.data, run_dir)
         answers = AnswerVocabulary.load(run_dir / ANSWERS_FILE) if task == "vqa" else None
@@ -105,8 +117,14 @@ def run(argv=None) -> int:
     report.update(task=task, split=args.split, checkpoint=str(args.checkpoint), skipped=skipped)
     if dist.is_main:
         print(json.dumps(report, indent=2))
-        write_atomic(run_dir / f"eval_{task}_{args.split}.json", json.dumps(report, indent=2))
+        write_atomic(out_dir / f"eval_{task}_{args.split}.json", json.dumps(report, indent=2))
     return 0
+
+
+def check_writable(folder: Path) -> None:
+    """Raise OSError unless files can be made in `folder` (made if missing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=folder).close()
 
 
 if __name__ == "__main__":

@@ -56,13 +56,69 @@ def test_pretraining_records_are_read_once_then_reused(tmp_path, synthetic_set, 
         assert sampling_again.aspect_ratios.tolist() == sampling.aspect_ratios.tolist()
         assert len(set(sampling.aspect_ratios.tolist())) > 1  # the headers' sizes, not all square
         assert (sampling_again.captions, sampling_again.empty_text_skips) == (sampling.captions, sampling.empty_text_skips)
-    annotations = synthetic_set / "annotations" / "captions_train.json"
+    engine_data.build_pretrain_data(config(tmp_path / "run", synthetic_set, "data.aspect_grouping_window=1"), MAIN)
+    assert len(reads) == 2  # another setting that shapes the records
+
+
+def test_a_changed_source_is_read_again_even_at_the_same_size_and_time(tmp_path, monkeypatch):
+    """The fingerprint holds the annotation files' contents: a file rewritten in place with the
+    same size and modification time (a copy that keeps times) is read again, and a file only
+    touched is not."""
+    synth = tmp_path / "synthetic"
+    synthetic.generate(synth, 40, 0)
+    reads = count_reads(monkeypatch)
+    cfg = config(tmp_path / "run", synth)
+    engine_data.build_pretrain_data(cfg, MAIN)
+    annotations = synth / "annotations" / "captions_train.json"
     stat = annotations.stat()
     os.utime(annotations, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     engine_data.build_pretrain_data(cfg, MAIN)
+    assert len(reads) == 1
+    text = annotations.read_text()
+    first = json.loads(text)["annotations"][0]["caption"]
+    changed = text.replace(first, first[::-1], 1)  # same length, another caption
+    assert changed != text and len(changed) == len(text)
+    annotations.write_text(changed)
+    os.utime(annotations, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    dataset, _, _ = engine_data.build_pretrain_data(cfg, MAIN)
     assert len(reads) == 2
-    engine_data.build_pretrain_data(config(tmp_path / "run", synthetic_set, "data.aspect_grouping_window=1"), MAIN)
-    assert len(reads) == 3  # another setting that shapes the records
+    assert any(first[::-1] in group.texts for group in items(dataset))
+
+
+def test_a_records_cache_is_shared_by_runs(tmp_path, synthetic_set, monkeypatch):
+    """With data.records_cache, a second run on the same sources opens the first run's records
+    from the cache (nothing in its own folder); a run whose records differ gets its own entry."""
+    reads = count_reads(monkeypatch)
+    cache = tmp_path / "cache"
+    first, _, _ = engine_data.build_pretrain_data(config(tmp_path / "a", synthetic_set, f"data.records_cache={cache}"), MAIN)
+    again, _, _ = engine_data.build_pretrain_data(config(tmp_path / "b", synthetic_set, f"data.records_cache={cache}"), MAIN)
+    assert len(reads) == 1 and items(again) == items(first)
+    assert not (tmp_path / "a" / "records").exists() and not (tmp_path / "b" / "records").exists()
+    assert [p.name[:8] for p in cache.iterdir()] == ["records-"]
+    engine_data.build_pretrain_data(config(tmp_path / "c", synthetic_set, f"data.records_cache={cache}",
+                                           "data.aspect_grouping_window=1"), MAIN)
+    assert len(reads) == 2 and len(list(cache.iterdir())) == 2  # no temporary folder left either
+
+
+def test_publishing_replaces_outdated_records_and_keeps_a_racing_runs(tmp_path):
+    """Records are written beside their folder and renamed into place: an outdated folder is
+    replaced whole; when another run published the same records first, theirs stay; a build
+    that fails leaves the old folder as it was; no temporary folder is left behind."""
+    from pixelbert.engine.record_cache import holds, publish
+    from pixelbert.data.packed import PackedList
+    folder = tmp_path / "records"
+    publish(folder, "old", lambda: ([["a"], ["b"]], {"notes": []}))
+    assert holds(folder, "old") and list(PackedList.open(folder)) == [["a"], ["b"]]
+    publish(folder, "new", lambda: ([["c"]], {"notes": []}))
+    assert holds(folder, "new") and not holds(folder, "old") and list(PackedList.open(folder)) == [["c"]]
+    publish(folder, "new", lambda: ([["raced"]], {"notes": []}))  # the same key: the folder already there wins
+    assert list(PackedList.open(folder)) == [["c"]]
+
+    def broken():
+        raise ValueError("bad source")
+    with pytest.raises(ValueError, match="bad source"):
+        publish(folder, "newer", broken)
+    assert holds(folder, "new") and [p.name for p in tmp_path.iterdir()] == ["records"]
 
 
 def test_vqa_records_and_answers_are_shared(tmp_path, synthetic_set, monkeypatch):

@@ -455,6 +455,19 @@ def test_evaluate_cli_end_to_end(synth, records, tmp_path, capsys):
     torch.save(PixelBert(cfg.model).state_dict(), run / "pretrain.pt")
     assert evaluate.main(["--config", str(run / "config.json"), "--checkpoint", str(run / "pretrain.pt")]) == 2
     assert "lacks" in capsys.readouterr().err
+    # --out: the outputs go elsewhere (a read-only run folder), the run's tokenizer is still used.
+    out = tmp_path / "out"
+    assert evaluate.main(["--config", str(run / "config.json"), "--checkpoint", str(run / "weights.pt"),
+                          "--out", str(out)]) == 0
+    elsewhere = json.loads((out / "eval_nlvr2_val.json").read_text())
+    assert {k: v for k, v in elsewhere.items() if k != "eval_s"} == {k: v for k, v in report.items() if k != "eval_s"}
+    assert (out / "records-eval-val" / "data.npy").is_file() and not (out / "tokenizer").exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    capsys.readouterr()
+    assert evaluate.main(["--config", str(run / "config.json"), "--checkpoint", str(run / "weights.pt"),
+                          "--out", str(blocker / "out")]) == 2
+    assert "cannot write the evaluation's outputs" in capsys.readouterr().err
 
 
 def eval_run(tmp_path: Path, synth: Path, task: str, *overrides: str) -> tuple[Path, list]:

@@ -24,7 +24,7 @@ from pixelbert.data.tasks import AnswerVocabulary, TaskDataset, collate_task
 from pixelbert.data.tokenizer import TextTokenizer, build_tokenizer, run_tokenizer
 from pixelbert.engine.decoding import build_decoder
 from pixelbert.engine.distributed import DistInfo, log, on_main
-from pixelbert.engine.record_cache import shared_records
+from pixelbert.engine.record_cache import records_folder, shared_records
 from pixelbert.fileio import write_atomic
 
 ANSWERS_FILE = "answers.txt"  # a VQA run's answer vocabulary, one answer per line, in head order
@@ -197,11 +197,12 @@ def build_pretrain_data(cfg: Config, dist: DistInfo, *, encoded_images: bool = F
 
 def run_records(cfg: Config, name: str, sources: list[SourceConfig], settings: dict,
                 read: Callable[[], tuple[list, dict]], dist: DistInfo) -> tuple[PackedList, dict]:
-    """Records and their meta, read by `read` on the main rank or found in the run's `name`
-    folder from an earlier start (record_cache.py), memory-mapped on every rank."""
-    folder = Path(cfg.train.output_dir) / name
+    """Records and their meta, read by `read` on the main rank or found from an earlier start
+    (or, with data.records_cache, another run) in the run's `name` folder or the cache's entry
+    (record_cache.py), memory-mapped on every rank."""
     settings = {**settings, "exclude": [dataclasses.asdict(s) for s in cfg.data.exclude]}
-    records, meta, fresh = shared_records(folder, settings, sources + list(cfg.data.exclude), read, dist)
+    place = partial(records_folder, cfg.data.records_cache, cfg.train.output_dir, name)
+    records, meta, folder, fresh = shared_records(place, settings, sources + list(cfg.data.exclude), read, dist)
     for note in meta["notes"]:
         log(dist, note)
     log(dist, f"{name}: {len(records)} items {'read and packed into' if fresh else 'reused from'} {folder}")
