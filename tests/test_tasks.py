@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from pixelbert.data.tasks import AnswerVocabulary, TaskDataset, collate_task
 from pixelbert.data.tokenizer import build_tokenizer, run_tokenizer
 from pixelbert.data.skips import SkipCounter
 from pixelbert.engine.batches import BatchPreparer
+from pixelbert.engine.distributed import DistInfo
 from pixelbert.engine.weights import load_weights
 from pixelbert.model import PixelBert
 from pixelbert.model.tasks import PixelBertForNLVR2, PixelBertForRetrieval, PixelBertForVQA
@@ -322,8 +324,9 @@ def test_contrastive_training_pulls_matching_pairs_together(records, tok):
 
 def test_shortlists_take_both_directions_and_equal_passes(monkeypatch):
     """Each image's rows: its k nearest texts and the texts that have it among their k nearest
-    images; an unreadable image has none and is no text's neighbour; under equal_passes every
-    list (and a filler pass's) is padded to the longest with its own rows."""
+    images; an unreadable image has none and is no text's neighbour. Under equal_passes the
+    n-th pass of every rank makes as many scorer calls as the busiest rank's n-th pass (the
+    extra ones dropped), and no list is padded to the longest."""
     from pixelbert.engine import retrieval_eval
     text = torch.eye(4)[[0, 0, 1, 2, 3]]  # texts 0 and 1 lie on axis 0, text 2 on 1, 3 on 2, 4 on 3
     image = torch.eye(4)[[0, 1, 3]] + torch.tensor([[0, 0.5, 0, 0], [0, 0, 0, 0], [0, 0, 0.4, 0]])
@@ -353,19 +356,66 @@ def test_shortlists_take_both_directions_and_equal_passes(monkeypatch):
     dist = SimpleNamespace(world_size=1, device=torch.device("cpu"))
     setup = SimpleNamespace(cfg=cfg, dist=dist)
 
-    def shortlists(reader, equal_passes):
+    def shortlists(reader):
         similarity = retrieval_eval.contrastive_similarity(Vectors(), setup, reader, input_ids, torch.ones_like(input_ids))
-        return retrieval_eval.scoring_rows(retrieval_eval.two_way_shortlist(similarity, 1), equal_passes)
+        return retrieval_eval.two_way_shortlist(similarity, 1)
 
-    rows = shortlists(Reader([0, 1, 2]), equal_passes=False)
+    def calls(plan, passes):
+        return [[(rows.tolist(), keep) for rows, keep in plan(n, i)] for n, i in enumerate(passes)]
+
+    plan = retrieval_eval.scoring_plan(shortlists(Reader([0, 1, 2])), 5, 16, None)
     # Image 0 (axis 0, a little of 1): nearest text 0 (ties with 1: the first), and texts 0, 1
     # have it nearest; image 1: text 2; image 2 (axis 3, a little of 2): text 4, and text 3.
-    assert [rows(i).tolist() for i in range(3)] == [[0, 1], [2], [3, 4]]
+    assert calls(plan, [0, 1, 2]) == [[([0, 1], True)], [([2], True)], [([3, 4], True)]]
     reader = Reader([0, 2])
     reader.unreadable = torch.tensor([0, 5, 0])  # image 1 unreadable: text 2 goes to image 0's list
-    rows = shortlists(reader, equal_passes=True)
-    assert [rows(i).tolist() for i in range(3)] == [[0, 1, 2], [0, 1, 2], [3, 4, 3]]
-    assert len(rows(None)) == 3
+    chosen = shortlists(reader)
+    assert [row.nonzero().flatten().tolist() for row in chosen] == [[0, 1, 2], [], [3, 4]]
+    # Two ranks, two pairs per call: rank 0 reads images 0 and 2, rank 1 a blank for image 1,
+    # then a filler pass. Both make 2 calls, then 1; only the lists' own pairs are kept.
+    plan = retrieval_eval.scoring_plan(chosen, 5, 2, [range(0, 3, 2), range(1, 3, 2)])
+    assert calls(plan, [0, 2]) == [[([0, 1], True), ([2], True)], [([3, 4], True)]]
+    assert calls(plan, [None, None]) == [[([0], False)] * 2, [([0], False)]]
+    # Without shortlists every image takes every text: every pass makes the same calls.
+    plan = retrieval_eval.scoring_plan(None, 5, 2, [range(0, 3, 2), range(1, 3, 2)])
+    assert [len(c) for c in calls(plan, [0, 2])] == [len(c) for c in calls(plan, [1, None])] == [3, 3]
+    assert [rows for rows, keep in calls(plan, [1])[0] if keep] == [[0, 1], [2, 3], [4]]
+
+
+@pytest.mark.parametrize("decoder", ["pil", "dali"])
+def test_equal_pass_reader_keeps_each_images_place(tmp_path, decoder):
+    """Under equal_passes a rank's n-th pass is the n-th image of its share or a blank in its
+    place (an unreadable one, then fillers up to the busiest rank's count), so that ranks can
+    plan their passes by position; without it the unreadable images are left out."""
+    from pixelbert.engine.eval_setup import EvalSetup
+    from pixelbert.engine.retrieval_eval import ImageReader
+    if decoder == "dali":
+        pytest.importorskip("nvidia.dali")
+    from PIL import Image
+    paths = []
+    for n in range(5):
+        path = tmp_path / f"{n}.jpg"
+        Image.fromarray(np.random.default_rng(n).integers(0, 255, (40 + 8 * n, 48, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    Path(paths[1]).write_bytes(Path(paths[1]).read_bytes()[:100])  # truncated
+    Path(paths[2]).unlink()  # missing
+    cfg = load_config("configs/tiny.json", ["data.num_workers=0", f"data.decoder={decoder}",
+                                            "data.image_shorter=64", "data.image_longer=128"])
+    decoded = None
+    if decoder == "dali":
+        from pixelbert.engine.eval_setup import eval_decoder
+        decoded = eval_decoder(cfg, torch.device("cpu"))[0]
+    for equal, expected in ((True, [[0, None, 4], [None, 3, None]]), (False, [[0, 4], [3]])):
+        seen = []
+        for rank in (0, 1):
+            setup = EvalSetup(cfg, None, DistInfo(rank, 2, rank, torch.device("cpu")), equal_passes=equal,
+                              decoder=decoded)
+            reader = ImageReader(paths, setup)
+            passes = list(reader)
+            seen.append([i for i, _, _ in passes])
+            assert all(pixels.shape[0] == 1 and pixels.shape[2] >= 64 for _, pixels, _ in passes)
+            assert reader.unreadable.nonzero().flatten().tolist() == [[2], [1]][rank]
+        assert seen == expected
 
 
 class PairScorer:

@@ -30,7 +30,11 @@ class EvalSetup:
 
     def my_share(self, count: int) -> range:
         """The indices (of batches, or of images) this rank evaluates."""
-        return range(self.dist.rank, count, self.dist.world_size)
+        return self.share_of(self.dist.rank, count)
+
+    def share_of(self, rank: int, count: int) -> range:
+        """The indices `rank` evaluates."""
+        return range(rank, count, self.dist.world_size)
 
     def filler_passes(self, count: int, made: int) -> int:
         """How many passes to add to the `made` real ones so that this rank makes as many as a

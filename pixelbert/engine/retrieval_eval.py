@@ -74,18 +74,24 @@ class ImageReader:
         self.unreadable = torch.zeros(len(paths), dtype=torch.int64)
 
     def __iter__(self):
-        """(index, pixels on the device, sizes) of each readable image of this rank's share; with
-        equal_passes, then (None, a blank image, its size) for each pass it is short of the
-        busiest rank (its own unreadable images included)."""
+        """(index, pixels on the device, sizes) of each readable image of this rank's share, in
+        order; with equal_passes, a blank pass (None, a blank image, its size) in place of each
+        unreadable one, then one for each pass it is short of the busiest rank: the n-th pass of
+        every rank is then the n-th image of its share, or a blank."""
         data, setup = self.setup.cfg.data, self.setup
         share = setup.my_share(len(self.paths))
         loader = DataLoader(EvalImages(self.paths, data, encoded=setup.decoder is not None), batch_size=None,
                             sampler=list(share), num_workers=data.num_workers, pin_memory=torch.cuda.is_available())
         made = 0
-        pending: list[tuple[int, object]] = []  # (index, file bytes) for the next decoder call
+        pending: list[tuple[int, object]] = []  # (index, file bytes or None: unreadable) for the next decoder call
         for index, *image in loader:
             if isinstance(image[0], int):
                 self.unreadable[index] = image[0]
+                if setup.decoder is not None:
+                    pending.append((index, None))  # its blank keeps its place among the pending images
+                elif setup.equal_passes:
+                    made += 1
+                    yield self.blank()
             elif len(image) == 1:  # file bytes (the loader made them a tensor)
                 pending.append((index, image[0]))
             else:
@@ -99,24 +105,36 @@ class ImageReader:
         for decoded in self.decode(pending) if pending else ():
             made += 1
             yield decoded
-        side = -(-64 // data.pad_multiple) * data.pad_multiple  # the smallest image the CNN's grid takes
         for _ in range(setup.filler_passes(len(self.paths), made)):
-            yield None, torch.zeros(1, 3, side, side, device=setup.dist.device, dtype=setup.float_dtype), \
-                torch.tensor([[side, side]])
+            yield self.blank()
+
+    def blank(self):
+        """A pass without an image: (None, the smallest image the CNN's grid takes, its size)."""
+        setup, multiple = self.setup, self.setup.cfg.data.pad_multiple
+        side = -(-64 // multiple) * multiple
+        return None, torch.zeros(1, 3, side, side, device=setup.dist.device, dtype=setup.float_dtype), \
+            torch.tensor([[side, side]])
 
     def decode(self, pending: list[tuple[int, object]]):
         """(index, pixels, sizes) of each image of `pending` the decoder reads, each cut to its own
-        padded size as PIL's path pads it; the others marked unreadable."""
+        padded size as PIL's path pads it; the others marked unreadable (with equal_passes, a
+        blank pass in their place)."""
         setup, multiple = self.setup, self.setup.cfg.data.pad_multiple
-        out = setup.decoder([encoded for _, encoded in pending])
-        failed = {position: reason for position, reason, _ in out.failed}
-        for position, reason in failed.items():
-            self.unreadable[pending[position][0]] = skip_code(reason)
-        decoded = [index for position, (index, _) in enumerate(pending) if position not in failed]
-        for row, index in enumerate(decoded):
+        readable = [(index, encoded) for index, encoded in pending if encoded is not None]
+        out = setup.decoder([encoded for _, encoded in readable]) if readable else None
+        failed = {readable[position][0]: reason for position, reason, _ in out.failed} if out else {}
+        for index, reason in failed.items():
+            self.unreadable[index] = skip_code(reason)
+        row = 0
+        for index, encoded in pending:
+            if encoded is None or index in failed:
+                if setup.equal_passes:
+                    yield self.blank()
+                continue
             height, width = (-(-int(side) // multiple) * multiple for side in out.sizes[row])
             pixels = out.images[row:row + 1, :, :height, :width]
             yield index, pixels.to(setup.dist.device, setup.float_dtype), out.sizes[row:row + 1]
+            row += 1
 
     def count(self, skips: SkipCounter) -> None:
         """Every image as an attempt, every unreadable one as a skip."""
@@ -154,8 +172,7 @@ def retrieval_scores(model, setup: EvalSetup, records: list[Record], skips: Skip
     attention_mask[:, 0] = 1
     scores = torch.full((len(images), len(texts)), float("-inf"), dtype=torch.float64)
     read = ImageReader(images, setup)
-    everything = torch.arange(len(texts))
-    rows_of, whole, in_fold = (lambda i: everything), None, None
+    chosen, whole, in_fold = None, None, None
     if cfg.task.shortlist:
         similarity = contrastive_similarity(model, setup, read, input_ids, attention_mask)
         whole = two_way_shortlist(similarity, cfg.task.shortlist)
@@ -163,19 +180,17 @@ def retrieval_scores(model, setup: EvalSetup, records: list[Record], skips: Skip
         if cfg.task.retrieval_folds:
             in_fold = fold_shortlists(similarity, fold_of_image, torch.as_tensor(img_of_text), cfg.task.shortlist)
             chosen = whole | in_fold
-        rows_of = scoring_rows(chosen, setup.equal_passes)
-    pairs_per_pass = 8 * cfg.train.eval_batch_size
-    for i, pixels, sizes in read:  # i None: a filler pass (equal_passes), its scores dropped
+    shares = [setup.share_of(rank, len(images)) for rank in range(dist.world_size)] if setup.equal_passes else None
+    plan = scoring_plan(chosen, len(texts), 8 * cfg.train.eval_batch_size, shares)
+    for n, (i, pixels, sizes) in enumerate(read):  # i None: a blank pass (equal_passes)
         feat = model.pixel_embeddings.features(pixels)  # once per image, reused for all its pairs
-        rows = rows_of(i)
-        for start in range(0, len(rows), pairs_per_pass):
-            chunk = rows[start:start + pairs_per_pass]
+        for chunk, keep in plan(n, i):
             batch = setup.to_device({"images": pixels, "image_sizes": sizes, "input_ids": input_ids[chunk],
                                      "attention_mask": attention_mask[chunk],
                                      "token_type_ids": torch.zeros_like(input_ids[chunk]),
                                      "pair_image": torch.zeros(len(chunk), dtype=torch.long)})
             pair_scores = model.scores(batch, feat)
-            if i is not None:
+            if keep:
                 scores[i, chunk] = pair_scores.double().cpu()
     if dist.world_size > 1:  # every rank filled its own rows; the others hold -inf
         finite = torch.isfinite(scores)
@@ -247,17 +262,31 @@ def fold_shortlists(similarity: torch.Tensor, fold_of_image: torch.Tensor, img_o
     return chosen
 
 
-def scoring_rows(chosen: torch.Tensor, equal_passes: bool) -> Callable[[Optional[int]], torch.Tensor]:
-    """Image index -> the text rows to score with it. Under equal_passes every image, and a
-    filler pass (None), gets as many rows as the longest list (repeats of its own rows, whose
-    scores are the same), so that all ranks make the same passes."""
-    rows = [chosen[i].nonzero().flatten() for i in range(len(chosen))]
-    if not equal_passes:
-        return lambda i: rows[i]
-    texts = chosen.shape[1]
-    longest = max(1, max(len(r) for r in rows))
-    padded = [r[torch.arange(longest) % len(r)] if len(r) else torch.arange(longest) % texts for r in rows]
-    return lambda i: padded[i] if i is not None else torch.arange(longest) % texts
+def scoring_plan(chosen: Optional[torch.Tensor], texts: int, per_pass: int, shares: Optional[list[range]]
+                 ) -> Callable[[int, Optional[int]], list[tuple[torch.Tensor, bool]]]:
+    """(pass number, image or None) -> the scorer calls of that pass: (text rows, whether to keep
+    their scores). An image's rows (every text, or those its row of `chosen` takes) go in calls of
+    at most `per_pass`. With `shares` (equal_passes: every rank's images, in the order it reads
+    them, a blank pass in place of an unreadable one), the n-th pass of every rank makes as many
+    calls as the busiest rank's n-th pass, the extra ones one pair whose score is dropped: all
+    ranks make the same calls, and no list is scored at the longest list's length."""
+    def calls_of(i: Optional[int]) -> list[tuple[torch.Tensor, bool]]:
+        if i is None:
+            return []
+        rows = torch.arange(texts) if chosen is None else chosen[i].nonzero().flatten()
+        return [(chunk, True) for chunk in rows.split(per_pass)]
+    if shares is None:
+        return lambda n, i: calls_of(i)
+    listed = torch.full((sum(map(len, shares)),), texts) if chosen is None else chosen.sum(dim=1)
+    needed = (-(-listed // per_pass)).tolist()  # the calls of each image
+    busiest = [max((needed[share[n]] for share in shares if n < len(share)), default=0)
+               for n in range(max(map(len, shares)))]
+    filler = (torch.zeros(1, dtype=torch.long), False)
+
+    def plan(n: int, i: Optional[int]) -> list[tuple[torch.Tensor, bool]]:
+        calls = calls_of(i)
+        return calls + [filler] * ((busiest[n] if n < len(busiest) else 0) - len(calls))
+    return plan
 
 
 def readable_only(ranked: RankedPairs, readable: torch.Tensor) -> RankedPairs:
