@@ -287,6 +287,7 @@ def mode_config(args, mode: Mode, batch: int, data: dict, out_dir: Path) -> Conf
         f"data.tokenizer_cache={Path(data['root']) / 'tokenizers'}",
         f"deepspeed.train_micro_batch_size_per_gpu={batch}", "deepspeed.gradient_accumulation_steps=1",
         "model.backbone_weights=null",  # speed does not depend on the CNN's starting weights
+        "train.eval_every=0",  # steps only: no validation split is generated for it
         *mode.overrides, *args.override])
 
 

@@ -381,6 +381,10 @@ class Config:
                                   f"train.task={self.train.task!r}: one of {BEST_METRICS[self.train.task]}")
             if not self.train.eval_every:
                 raise ConfigError("train.best_metric needs validation: set train.eval_every > 0")
+        if self.train.eval_every and self.data.train and not self.data.val:
+            raise ConfigError("train.eval_every validates on data.val, which is empty while data.train names "
+                              "sources (the synthetic set's val split would stand in): name data.val, or set "
+                              "train.eval_every=0")
         if self.train.task != "pretrain":
             for i, source in enumerate(self.data.train + self.data.val):
                 if source.format not in TASK_FORMATS[self.train.task]:

@@ -40,6 +40,21 @@ def test_source_list_override(config_file):
     assert cfg.data.train[0].annotations == "a.json"
 
 
+def test_real_training_data_needs_its_own_validation_data(config_file, tmp_path):
+    """With data.train naming sources, validation on an empty data.val would evaluate the
+    synthetic set in its place: a config error for train.eval_every, an error for evaluate."""
+    from pixelbert.engine.data import named_sources
+    source = 'data.train=[{"format": "coco_captions", "annotations": "a.json", "images": "im"}]'
+    with pytest.raises(ConfigError, match="name data.val"):
+        load_config(config_file, [source, "train.eval_every=100"])
+    cfg = load_config(config_file, [source, "train.eval_every=100", source.replace("data.train", "data.val")])
+    assert named_sources(cfg, "val")[0].annotations == "a.json"
+    with pytest.raises(ValueError, match="synthetic set's, not your data's"):
+        named_sources(load_config(config_file, [source]), "val")
+    synthetic_only = load_config(config_file, ["train.eval_every=100", f"data.synthetic_dir={tmp_path}"])
+    assert named_sources(synthetic_only, "val")[0].annotations == str(tmp_path / "annotations" / "captions_val.json")
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.hiden_size=64", "unknown config key model.hiden_size"),
     ("trian.max_steps=3", "unknown config section"),

@@ -51,7 +51,7 @@ def files(tmp_path) -> dict[str, str]:
 
 
 def config(files, *overrides: str):
-    return load_config("configs/tiny.json", [f"train.output_dir={files['root']}/run", *overrides])
+    return load_config("configs/tiny.json", [f"train.output_dir={files['root']}/run", "train.eval_every=0", *overrides])
 
 
 def source(**fields) -> str:

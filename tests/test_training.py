@@ -365,7 +365,7 @@ def test_profile_steps_write_a_trace_and_a_table(tmp_path, synthetic_dir):
 def test_missing_data_names_the_path_and_the_synthetic_fallback(tmp_path, synthetic_dir):
     missing = tmp_path / "nowhere" / "captions_train2014.json"
     source = json.dumps([{"format": "coco_captions", "annotations": str(missing), "images": str(tmp_path)}])
-    result = launch(tmp_path / "run", synthetic_dir, [f"data.train={source}"])
+    result = launch(tmp_path / "run", synthetic_dir, [f"data.train={source}", "train.eval_every=0"])
     assert result.returncode == 2
     assert str(missing) in result.stderr and "data.train=[]" in result.stderr
     assert "Traceback" not in result.stderr
@@ -457,7 +457,8 @@ def test_bad_records_are_skipped_counted_and_logged(tmp_path, synthetic_dir):
     source, reasons = broken_coco_source(tmp_path, synthetic_dir)
     common = SMALL + ["train.max_steps=12", "data.num_workers=1", "deepspeed.train_micro_batch_size_per_gpu=8",
                       "data.captions_per_image=1",
-                      f"data.train={source}", "data.aspect_grouping_window=1", "train.log_every=12"]
+                      f"data.train={source}", "train.eval_every=0", "data.aspect_grouping_window=1",
+                      "train.log_every=12"]
     result = launch(tmp_path / "run", synthetic_dir, common + ["data.max_bad_fraction=0.5"])
     assert result.returncode == 0, result.stderr[-3000:]
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])

@@ -131,6 +131,9 @@ def named_sources(cfg: Config, split: str, task: Optional[str] = None) -> list[S
     configured = cfg.data.train if split == "train" else cfg.data.val
     if configured:
         return configured
+    if cfg.data.train:  # the synthetic set's val split would stand in for the real data's
+        raise ValueError(f"data.val is empty while data.train names sources: the {split} split would be the "
+                         "synthetic set's, not your data's; name data.val's sources")
     root, source = Path(cfg.data.synthetic_dir), SYNTHETIC_SOURCES[task or cfg.train.task][split]
     rooted = {k: str(root / getattr(source, k)) if getattr(source, k) else ""
               for k in ("annotations", "questions", "images")}
