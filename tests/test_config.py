@@ -128,3 +128,15 @@ def test_bert_checkpoint_brings_its_vocabulary(tmp_path):
     (bert / "vocab.txt").unlink()
     with pytest.raises(ConfigError, match=r"no vocab.txt in .*bert-base-uncased; set data.tokenizer"):
         load_config("configs/tiny.json", [f"model.bert_checkpoint={bert}", "data.lowercase=false"])
+
+
+def test_resume_changes_name_what_a_resumed_run_computes_differently(config_file):
+    """A resumed run's config against its checkpoint's: changed settings as dotted keys, added
+    ones too, and none of the settings that only steer logging, saving, validation or loading."""
+    from pixelbert.config import resume_changes
+    saved = load_config(config_file).to_dict()
+    current = load_config(config_file, ["train.resume=true", "train.log_every=1", "train.stop_at_step=3",
+                                        "data.num_workers=0", "train.lr=0.5", "deepspeed.gradient_accumulation_steps=2"])
+    assert resume_changes(saved, current.to_dict()) == \
+        ["deepspeed.gradient_accumulation_steps: null -> 2", "train.lr: 0.0001 -> 0.5"]
+    assert resume_changes(None, current.to_dict()) == []  # a checkpoint written before they held the config

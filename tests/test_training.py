@@ -129,7 +129,11 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, synthetic_di
     assert [r["step"] for r in first] == [1, 2, 3]
     (interrupted / "metrics.jsonl").write_text(
         (interrupted / "metrics.jsonl").read_text() + json.dumps({"step": 4, "loss": -1.0}) + "\n")
-    resumed = run_train(interrupted, synthetic_dir, common + ["train.resume=true"])
+    result = launch(interrupted, synthetic_dir, common + ["train.resume=true"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout + result.stderr
+    assert "the config differs" not in result.stdout + result.stderr  # stop_at_step and resume only
+    resumed = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]  # the stale step-4 line is gone
     for key in ("loss", "mlm_loss", "itm_loss", "mlm_acc", "itm_acc", "lr", "backbone_lr"):
         assert losses(resumed, key) == pytest.approx(losses(straight, key), rel=1e-6, abs=1e-7), key
@@ -140,6 +144,12 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, synthetic_di
     assert {"mlm_loss", "itm_loss", "mlm_acc", "itm_acc"} <= set(straight_eval[6])
     assert 1 < straight_eval[6]["images"] < 12  # the images of the first 12 val captions
     assert straight_eval[2]["mlm_loss"] != straight_eval[6]["mlm_loss"]
+    # Resumed with settings that change what it computes: it goes on, and says which.
+    result = launch(interrupted, synthetic_dir, common + ["train.resume=true", "train.max_steps=7",
+                                                          "data.mlm_probability=0.25", "train.log_every=2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning = next(line for line in (result.stdout + result.stderr).splitlines() if "the config differs" in line)
+    assert warning.endswith("data.mlm_probability: 0.3 -> 0.25; train.max_steps: 6 -> 7"), warning
 
 
 @pytest.mark.parametrize("task, records, decoder, evaluated, extra", [

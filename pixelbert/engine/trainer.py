@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from pixelbert import ops
 from pixelbert.attention import resolve_varlen_backend
-from pixelbert.config import Config
+from pixelbert.config import Config, resume_changes
 from pixelbert.engine import checkpoint
 from pixelbert.data import skips as skip_counts
 from pixelbert.data.skips import SkipCounter
@@ -213,6 +213,10 @@ def train(cfg: Config) -> dict:
         else:
             start_step = client_state["step"]
             log(dist, f"resumed from {ckpt_dir} at step {start_step}")
+            changes = resume_changes(client_state.get("config"), cfg.to_dict())
+            if changes:
+                log(dist, "warning: the config differs from the checkpoint's in what the run computes, so it "
+                          "goes on as an uninterrupted run would not: " + "; ".join(changes))
     metrics_log = JsonlLog(output_dir / "metrics.jsonl", start_step if cfg.train.resume else None) \
         if dist.is_main else None
     if engine.monitor.enabled and dist.is_main:  # rank 0 writes the monitors' files
@@ -290,7 +294,8 @@ def train(cfg: Config) -> dict:
                 window_start += report["eval_s"]  # samples_per_s counts training time only
                 new_best = best is not None and best.improves(report)
             if save or new_best:
-                saved = checkpoint.save(engine, ckpt_dir, step, dist, keep=cfg.train.keep_checkpoints,
+                saved = checkpoint.save(engine, ckpt_dir, step, dist, {"config": cfg.to_dict()},
+                                        keep=cfg.train.keep_checkpoints,
                                         best={"metric": best.metric, "value": best.value} if new_best else None)
                 if new_best:
                     log(dist, f"best validation so far ({best.metric} {best.value:.4f}): {saved}")
