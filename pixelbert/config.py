@@ -420,38 +420,6 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-
-# Settings a resumed run may change without changing what it computes from there on: where and
-# how often it logs, saves and validates, when this job stops, how its data is loaded.
-RUN_CONTROL_KEYS = frozenset({
-    "train.resume", "train.output_dir", "train.stop_at_step", "train.log_every", "train.save_every",
-    "train.keep_checkpoints", "train.best_metric", "train.best_mode", "train.profile_steps",
-    "train.eval_every", "train.eval_records", "train.eval_batch_size", "data.num_workers",
-    "data.prefetch_factor", "data.records_cache", "data.tokenizer_cache"})
-
-
-def resume_changes(saved: Optional[dict], current: dict, prefix: str = "") -> list[str]:
-    """'key: saved -> current' for each setting that differs from the checkpoint's config
-    (nested sections as dotted keys), leaving out RUN_CONTROL_KEYS; [] without a saved config
-    (a checkpoint written before checkpoints held it)."""
-    if saved is None:
-        return []
-    changes = []
-    for key in sorted(set(saved) | set(current)):
-        name, old, new = prefix + key, saved.get(key), current.get(key)
-        if name in RUN_CONTROL_KEYS or old == new:
-            continue
-        if isinstance(old, dict) and isinstance(new, dict):
-            changes += resume_changes(old, new, name + ".")
-        else:
-            changes.append(f"{name}: {_brief(old)} -> {_brief(new)}")
-    return changes
-
-
-def _brief(value) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 120 else text[:117] + "..."
-
     def check_backbone_input(self) -> None:
         """Weights that name the input normalisation they were trained with (the safetensors
         metadata pixelbert.tools.convert_backbone writes) must get it, and affine-normalised
@@ -491,6 +459,38 @@ def _brief(value) -> str:
             if lower is not None and bool(lower) != self.data.lowercase:
                 raise ConfigError(f"data.lowercase={self.data.lowercase} but the BERT checkpoint's tokenizer has "
                                   f"do_lower_case={lower} ({settings}): set data.lowercase={str(bool(lower)).lower()}")
+
+
+# Settings a resumed run may change without changing what it computes from there on: where and
+# how often it logs, saves and validates, when this job stops, how its data is loaded.
+RUN_CONTROL_KEYS = frozenset({
+    "train.resume", "train.output_dir", "train.stop_at_step", "train.log_every", "train.save_every",
+    "train.keep_checkpoints", "train.best_metric", "train.best_mode", "train.profile_steps",
+    "train.eval_every", "train.eval_records", "train.eval_batch_size", "data.num_workers",
+    "data.prefetch_factor", "data.records_cache", "data.tokenizer_cache"})
+
+
+def resume_changes(saved: Optional[dict], current: dict, prefix: str = "") -> list[str]:
+    """'key: saved -> current' for each setting that differs from the checkpoint's config
+    (nested sections as dotted keys), leaving out RUN_CONTROL_KEYS; [] without a saved config
+    (a checkpoint written before checkpoints held it)."""
+    if saved is None:
+        return []
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        name, old, new = prefix + key, saved.get(key), current.get(key)
+        if name in RUN_CONTROL_KEYS or old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += resume_changes(old, new, name + ".")
+        else:
+            changes.append(f"{name}: {_brief(old)} -> {_brief(new)}")
+    return changes
+
+
+def _brief(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def load_config(path: str | Path, overrides=()) -> Config:
