@@ -78,19 +78,13 @@ def default_example(cfg: Config) -> tuple[str, str]:
     """(image path, caption) of the first record of the run's validation data: the first caption
     source of data.val, else the synthetic set's val captions when data.train is empty, else the
     first caption source of data.train."""
-    from pixelbert.data.formats import read_coco_captions
-    from pixelbert.engine.data import read_source
+    from pixelbert.engine.data import named_sources, read_source
 
-    for source in [*cfg.data.val, *cfg.data.train]:
+    sources = [*cfg.data.val, *cfg.data.train] or \
+        [s for s in named_sources(cfg, "val", "pretrain") if Path(s.annotations).is_file()]  # the synthetic set's
+    for source in sources:
         if source.format in CAPTION_FORMATS:
             records = read_source(source)
-            if records:
-                return records[0].image, records[0].text
-    if not cfg.data.train:
-        root = Path(cfg.data.synthetic_dir)
-        captions = root / "annotations" / "captions_val.json"
-        if captions.is_file():
-            records = read_coco_captions(captions, root / "images")
             if records:
                 return records[0].image, records[0].text
     raise FileNotFoundError("no --image/--text given and the config names no validation captions "

@@ -194,3 +194,22 @@ def test_usage_without_config(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "usage:" in err and "--config" in err and "--checkpoint" in err
+
+
+def test_default_example_is_the_first_validation_caption(tmp_path):
+    """Without --image/--text: data.val's first caption; with no data named, the synthetic set's
+    val captions; with neither, an error that says what to pass."""
+    from pixelbert.config import load_config
+    from pixelbert.data import synthetic
+    from pixelbert.data.formats import read_coco_captions
+    root = tmp_path / "synthetic"
+    cfg = load_config("configs/tiny.json", [f"data.synthetic_dir={root}"])
+    with pytest.raises(FileNotFoundError, match="pass --image and --text"):
+        visualize.default_example(cfg)
+    synthetic.generate(root, 40, 0)
+    first = read_coco_captions(root / "annotations" / "captions_val.json", root / "images")[0]
+    assert visualize.default_example(cfg) == (first.image, first.text)
+    train = read_coco_captions(root / "annotations" / "captions_train.json", root / "images")[0]
+    source = json.dumps([{"format": "coco_captions", "annotations": str(root / "annotations" / "captions_train.json"),
+                          "images": str(root / "images")}])
+    assert visualize.default_example(load_config("configs/tiny.json", [f"data.val={source}"])) == (train.image, train.text)
