@@ -3,6 +3,7 @@ run; every rank, and every later start with the same sources and code, opens the
 parsing the annotation files again."""
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -119,6 +120,15 @@ def test_publishing_replaces_outdated_records_and_keeps_a_racing_runs(tmp_path):
     with pytest.raises(ValueError, match="bad source"):
         publish(folder, "newer", broken)
     assert holds(folder, "new") and [p.name for p in tmp_path.iterdir()] == ["records"]
+    # What a killed build leaves (it never reaches its `finally`) goes once it is a day old.
+    killed, building, users = (tmp_path / name for name in (".records.abc_1234.tmp", ".records-eval-val.def_5678.tmp",
+                                                             ".records.old"))
+    for path in (killed, building, users):
+        (path / "sub").mkdir(parents=True)
+    os.utime(killed, (time.time() - 2 * 86400,) * 2)
+    os.utime(users, (time.time() - 2 * 86400,) * 2)  # not a name publish makes: left alone
+    publish(folder, "newest", lambda: ([["d"]], {"notes": []}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".records-eval-val.def_5678.tmp", ".records.old", "records"]
 
 
 def test_vqa_records_and_answers_are_shared(tmp_path, synthetic_set, monkeypatch):

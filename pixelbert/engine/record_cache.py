@@ -20,8 +20,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -36,6 +38,8 @@ PATH_KEYS = ("annotations", "questions", "images", "image_data")
 PACKAGE = Path(__file__).resolve().parents[1]
 CODE_FILES = sorted((PACKAGE / "data").glob("*.py")) + [PACKAGE / "engine" / "data.py", Path(__file__).resolve()]
 KEY_CHARS = 24  # of the fingerprint, in a shared cache entry's name
+LEFTOVER_AGE_S = 24 * 3600  # a temporary folder this old was left by a killed build
+LEFTOVER = re.compile(r"^\.records[\w-]*\.[a-z0-9_]{8}\.(tmp|old)$")  # publish's (tempfile.mkdtemp's) names
 
 
 def fingerprint(settings: dict, sources: list[SourceConfig]) -> str:
@@ -87,6 +91,7 @@ def publish(folder: Path, key: str, build: Callable[[], tuple[Iterable, dict]]) 
     then renamed into place (replacing an outdated one), so no reader meets a partial folder.
     When another run published the same records first, theirs are kept."""
     folder.parent.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(folder.parent)
     temp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
         items, meta = build()
@@ -105,6 +110,23 @@ def publish(folder: Path, key: str, build: Callable[[], tuple[Iterable, dict]]) 
         shutil.rmtree(outdated, ignore_errors=True)  # open memory maps of it stay valid
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def sweep_leftovers(parent: Path, age_s: float = LEFTOVER_AGE_S) -> list[str]:
+    """Delete the temporary folders (`.records<...>.<random>.tmp` or `.old`) that a killed build left in
+    `parent` more than `age_s` ago (a build takes seconds to minutes: none is still being
+    written); the names deleted."""
+    swept = []
+    for leftover in parent.glob(".records*"):
+        try:
+            stale = LEFTOVER.match(leftover.name) and leftover.is_dir() and \
+                time.time() - leftover.stat().st_mtime > age_s
+        except OSError:  # another run swept it first
+            continue
+        if stale:
+            shutil.rmtree(leftover, ignore_errors=True)
+            swept.append(leftover.name)
+    return swept
 
 
 def shared_records(place: Callable[[str], Path], settings: dict, sources: list[SourceConfig],
