@@ -40,6 +40,10 @@ DECODERS = ("auto", "dali", "pil")
 LR_SCHEDULES = ("linear", "step", "constant")
 TASKS = ("pretrain", "vqa", "nlvr2", "retrieval")
 OPTIMIZER_KERNELS = ("auto", "fused", "foreach")
+# A vocabulary without tokenizer_config.json is judged cased when more than CASED_SHARE of its
+# words hold a capital and uncased under UNCASED_SHARE; with fewer
+# than CASING_MIN_WORDS words it is not judged.
+CASED_SHARE, UNCASED_SHARE, CASING_MIN_WORDS = 0.05, 0.001, 1000
 # The source format each fine-tuning task trains and evaluates on.
 TASK_FORMATS = {"vqa": ("vqa",), "nlvr2": ("nlvr2",), "retrieval": ("karpathy", "coco_captions")}
 
@@ -373,6 +377,8 @@ class Config:
         self.task.validate()
         if self.model.bert_checkpoint:
             self.take_bert_vocabulary()
+        if self.data.tokenizer:
+            self.check_tokenizer_casing()
         if self.model.backbone_weights:
             self.check_backbone_input()
         if self.train.best_metric:
@@ -453,12 +459,41 @@ class Config:
                 raise ConfigError(f"model.bert_checkpoint={self.model.bert_checkpoint}: no vocab.txt in {folder}; set "
                                   "data.tokenizer to the BERT vocabulary (the checkpoint's embeddings follow its ids)")
             self.data.tokenizer = str(folder)
-        settings = folder / "tokenizer_config.json"
+
+    def check_tokenizer_casing(self) -> None:
+        """data.lowercase must be the casing of data.tokenizer's vocabulary: its
+        tokenizer_config.json's do_lower_case (Hugging Face's folders) or, without one (Google's
+        BERT releases hold vocab.txt alone), whether its words hold capitals. Lowercased text
+        never reaches a cased vocabulary's capitalised words, and cased text finds no capitalised
+        word in an uncased one: either way words silently become [UNK] or pieces."""
+        path = Path(self.data.tokenizer).expanduser()
+        vocab = path / "vocab.txt" if path.is_dir() else path
+        settings = vocab.parent / "tokenizer_config.json"
+        wanted = f"data.lowercase={str(self.data.lowercase).lower()}"
         if settings.is_file():
             lower = json.loads(settings.read_text()).get("do_lower_case")
-            if lower is not None and bool(lower) != self.data.lowercase:
-                raise ConfigError(f"data.lowercase={self.data.lowercase} but the BERT checkpoint's tokenizer has "
-                                  f"do_lower_case={lower} ({settings}): set data.lowercase={str(bool(lower)).lower()}")
+            if lower is not None:
+                if bool(lower) != self.data.lowercase:
+                    raise ConfigError(f"{wanted} but the tokenizer has do_lower_case={str(bool(lower)).lower()} "
+                                      f"({settings}): set data.lowercase={str(bool(lower)).lower()}")
+                return
+        if not vocab.is_file():
+            return  # the tokenizer's own error names the path
+        words = [token.removeprefix("##") for token in vocab.read_text(encoding="utf-8").splitlines()
+                 if not (token.startswith("[") and token.endswith("]"))]
+        alphabetic = [word for word in words if any(ch.isalpha() for ch in word)]
+        if len(alphabetic) < CASING_MIN_WORDS:
+            return  # too few words to tell
+        capitalised = [word for word in alphabetic if any(ch.isupper() for ch in word)]
+        share = len(capitalised) / len(alphabetic)
+        if self.data.lowercase and share > CASED_SHARE:
+            raise ConfigError(f"{wanted} but {vocab} is a cased vocabulary ({share:.0%} of its words hold capitals, "
+                              f"e.g. {', '.join(capitalised[:3])}) and has no tokenizer_config.json to say so: "
+                              "lowercased text never reaches those words; set data.lowercase=false")
+        if not self.data.lowercase and share < UNCASED_SHARE:
+            raise ConfigError(f"{wanted} but {vocab} is an uncased vocabulary (almost no word holds a capital) and has no "
+                              "tokenizer_config.json to say so: every capitalised word of the text would become "
+                              "[UNK] or pieces; set data.lowercase=true")
 
 
 # Settings a resumed run may change without changing what it computes from there on: where and

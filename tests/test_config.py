@@ -122,7 +122,7 @@ def test_bert_checkpoint_brings_its_vocabulary(tmp_path):
     assert load_config("configs/tiny.json", [f"model.bert_checkpoint={bert}", f"data.tokenizer={own}"]).data.tokenizer \
         == str(own)
     (bert / "tokenizer_config.json").write_text('{"do_lower_case": false}')
-    with pytest.raises(ConfigError, match=r"data.lowercase=True but the BERT checkpoint's tokenizer has do_lower_case=False"):
+    with pytest.raises(ConfigError, match=r"data.lowercase=true but the tokenizer has do_lower_case=false"):
         load_config("configs/tiny.json", [f"model.bert_checkpoint={bert}"])
     assert load_config("configs/tiny.json", [f"model.bert_checkpoint={bert}", "data.lowercase=false"]).data.lowercase is False
     (bert / "vocab.txt").unlink()
@@ -140,3 +140,28 @@ def test_resume_changes_name_what_a_resumed_run_computes_differently(config_file
     assert resume_changes(saved, current.to_dict()) == \
         ["deepspeed.gradient_accumulation_steps: null -> 2", "train.lr: 0.0001 -> 0.5"]
     assert resume_changes(None, current.to_dict()) == []  # a checkpoint written before they held the config
+
+
+def test_tokenizer_casing_must_match_data_lowercase(tmp_path):
+    """data.tokenizer's casing: its tokenizer_config.json's do_lower_case when it has one, else
+    judged from its words (a folder with vocab.txt alone, as Google released BERT); a mismatch
+    with data.lowercase would turn words into [UNK] without a sign, so it is a config error."""
+    words = [f"word{n}" for n in range(1200)]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    cased, uncased = tmp_path / "cased", tmp_path / "uncased"
+    for folder, vocab in ((cased, words[:600] + [w.capitalize() for w in words[600:]]), (uncased, words)):
+        folder.mkdir()
+        (folder / "vocab.txt").write_text("\n".join(specials + vocab + ["##s"]) + "\n")
+    with pytest.raises(ConfigError, match=r"data.lowercase=true but .*cased vocabulary \(50% of its words hold "
+                                          r"capitals, e.g. Word600"):
+        load_config("configs/tiny.json", [f"data.tokenizer={cased}"])
+    assert load_config("configs/tiny.json", [f"data.tokenizer={cased}", "data.lowercase=false"]).data.lowercase is False
+    with pytest.raises(ConfigError, match="data.lowercase=false but .*is an uncased vocabulary"):
+        load_config("configs/tiny.json", [f"data.tokenizer={uncased / 'vocab.txt'}", "data.lowercase=false"])
+    assert load_config("configs/tiny.json", [f"data.tokenizer={uncased / 'vocab.txt'}"]).data.lowercase is True
+    (cased / "tokenizer_config.json").write_text('{"do_lower_case": true}')  # the folder's own word wins
+    assert load_config("configs/tiny.json", [f"data.tokenizer={cased}"]).data.lowercase is True
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "vocab.txt").write_text("\n".join(specials + ["a", "b"]) + "\n")  # too few words to judge
+    assert load_config("configs/tiny.json", [f"data.tokenizer={small}", "data.lowercase=false"]).data.lowercase is False
