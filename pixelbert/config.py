@@ -468,15 +468,14 @@ class Config:
         word in an uncased one: either way words silently become [UNK] or pieces."""
         path = Path(self.data.tokenizer).expanduser()
         vocab = path / "vocab.txt" if path.is_dir() else path
-        settings = vocab.parent / "tokenizer_config.json"
+        from pixelbert.data.tokenizer import SETTINGS_FILE, read_casing
         wanted = f"data.lowercase={str(self.data.lowercase).lower()}"
-        if settings.is_file():
-            lower = json.loads(settings.read_text()).get("do_lower_case")
-            if lower is not None:
-                if bool(lower) != self.data.lowercase:
-                    raise ConfigError(f"{wanted} but the tokenizer has do_lower_case={str(bool(lower)).lower()} "
-                                      f"({settings}): set data.lowercase={str(bool(lower)).lower()}")
-                return
+        lower = read_casing(vocab.parent)
+        if lower is not None:
+            if lower != self.data.lowercase:
+                raise ConfigError(f"{wanted} but the tokenizer has do_lower_case={str(lower).lower()} "
+                                  f"({vocab.parent / SETTINGS_FILE}): set data.lowercase={str(lower).lower()}")
+            return
         if not vocab.is_file():
             return  # the tokenizer's own error names the path
         words = [token.removeprefix("##") for token in vocab.read_text(encoding="utf-8").splitlines()

@@ -251,6 +251,24 @@ def test_local_vocab_matches_transformers(tmp_path, lowercase, as_folder):
     assert not (tmp_path / "unused").exists()  # a local vocabulary is never cached
 
 
+def test_trained_vocab_records_its_casing(synth, tmp_path):
+    """A trained vocabulary's folder holds tokenizer_config.json with its casing: Hugging Face's
+    tokenizer loads the folder cased alike without being told, and the run's vocabulary refuses
+    text cased otherwise (its ids were made for the other)."""
+    from transformers import BertTokenizerFast
+    from pixelbert.data.tokenizer import run_tokenizer
+    cased = DataConfig(lowercase=False)
+    ours = build_tokenizer(cased, captions_of(synth), tmp_path / "tokenizer", vocab_size=120)
+    assert json.loads((tmp_path / "tokenizer" / "tokenizer_config.json").read_text())["do_lower_case"] is False
+    ref = BertTokenizerFast.from_pretrained(str(tmp_path / "tokenizer"))
+    text = "A large RED circle on the left"
+    assert ours.encode(text, 40) == ref(text)["input_ids"] and ref.tokenize(text) == ours.tokenize(text)
+    assert ref.tokenize("A a") == ["[UNK]", "a"]  # not lowercased: the captions never start a word with "A"
+    assert run_tokenizer(cased, tmp_path).encode(text, 40) == ours.encode(text, 40)
+    with pytest.raises(ValueError, match="made with do_lower_case=false: .* set data.lowercase=false"):
+        run_tokenizer(DataConfig(lowercase=True), tmp_path)
+
+
 def test_local_vocab_missing(tmp_path):
     cfg = DataConfig(tokenizer=str(tmp_path / "bert-base-uncased"))
     with pytest.raises(FileNotFoundError, match="bert-base-uncased"):

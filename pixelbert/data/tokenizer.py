@@ -14,6 +14,8 @@ PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
 VOCAB_FILE = "vocab.txt"
 FINGERPRINT_FILE = "vocab.fingerprint"
+# Hugging Face's name: BertTokenizer(Fast).from_pretrained takes its do_lower_case (default true).
+SETTINGS_FILE = "tokenizer_config.json"
 TRAINER_VERSION = 1  # part of the fingerprint: bump when training settings change
 
 
@@ -89,8 +91,8 @@ def build_tokenizer(data_cfg, captions: Iterable[str], cache_dir: str | Path, vo
         else:
             vocab = train_vocab(captions, vocab_size, data_cfg.lowercase)
             if shared is not None:
-                _store(shared, vocab, fingerprint)
-        _store(cache_dir, vocab, fingerprint)
+                _store(shared, vocab, fingerprint, data_cfg.lowercase)
+        _store(cache_dir, vocab, fingerprint, data_cfg.lowercase)
     return TextTokenizer.from_vocab_file(cache_dir / VOCAB_FILE, data_cfg.lowercase)
 
 
@@ -99,9 +101,11 @@ def _holds(folder: Path, fingerprint: str) -> bool:
     return (folder / VOCAB_FILE).is_file() and marker.is_file() and marker.read_text() == fingerprint
 
 
-def _store(folder: Path, vocab: list[str], fingerprint: str) -> None:
+def _store(folder: Path, vocab: list[str], fingerprint: str, lowercase: bool) -> None:
     (folder / FINGERPRINT_FILE).unlink(missing_ok=True)  # a crash below leaves no valid-looking cache
     write_atomic(folder / VOCAB_FILE, "".join(token + "\n" for token in vocab))
+    # Its casing, for this engine and for Hugging Face's tokenizers loading the folder.
+    write_atomic(folder / SETTINGS_FILE, json.dumps({"do_lower_case": lowercase, "tokenizer_class": "BertTokenizer"}))
     write_atomic(folder / FINGERPRINT_FILE, fingerprint)
 
 
@@ -147,4 +151,18 @@ def run_tokenizer(data_cfg, run_dir: str | Path) -> TextTokenizer:
     if not vocab.is_file():
         raise FileNotFoundError(f"{vocab} not found: give the run folder of a training run "
                                 "(train.output_dir), or set data.tokenizer")
+    made_lowercase = read_casing(vocab.parent)
+    if made_lowercase is not None and made_lowercase != data_cfg.lowercase:
+        raise ValueError(f"data.lowercase={str(data_cfg.lowercase).lower()} but the run's vocabulary {vocab} was "
+                         f"made with do_lower_case={str(made_lowercase).lower()}: its ids only fit text cased "
+                         f"alike; set data.lowercase={str(made_lowercase).lower()}")
     return TextTokenizer.from_vocab_file(vocab, data_cfg.lowercase)
+
+
+def read_casing(folder: str | Path) -> bool | None:
+    """`do_lower_case` of the folder's tokenizer_config.json; None without one (or without the key)."""
+    settings = Path(folder) / SETTINGS_FILE
+    if not settings.is_file():
+        return None
+    lower = json.loads(settings.read_text()).get("do_lower_case")
+    return None if lower is None else bool(lower)

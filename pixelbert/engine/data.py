@@ -301,7 +301,7 @@ def task_tokenizer(cfg: Config, texts: Iterable[str], dist: DistInfo) -> TextTok
     def copy_vocabulary() -> None:
         if source.resolve() != cache.resolve():
             cache.mkdir(parents=True, exist_ok=True)
-            for name in ("vocab.txt", "vocab.fingerprint"):
+            for name in ("vocab.txt", "vocab.fingerprint", "tokenizer_config.json"):
                 if (source / name).is_file():
                     write_atomic(cache / name, (source / name).read_text(encoding="utf-8"))
     on_main(dist, copy_vocabulary)

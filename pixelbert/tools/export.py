@@ -4,7 +4,7 @@ gathered from its shards) as one safetensors file, beside the run's config and v
     python -m pixelbert.tools.export --checkpoint RUN[/checkpoints/step_N] --out DIR [--dtype bf16]
 
 DIR then holds `model.safetensors`, `config.json` (its `train.output_dir` set to DIR),
-`tokenizer/vocab.txt` and, for VQA, `answers.txt`: it is a run folder without optimiser state,
+`tokenizer/vocab.txt` (with its casing, `tokenizer_config.json`) and, for VQA, `answers.txt`: it is a run folder without optimiser state,
 a fraction of a checkpoint's size, and everything that reads weights takes it
 (`python -m pixelbert.evaluate --config DIR/config.json --checkpoint DIR/model.safetensors`,
 `task.init_from=DIR/model.safetensors`, `python -m pixelbert.visualize`).
@@ -37,7 +37,9 @@ def export(checkpoint: str | Path, out: str | Path, dtype: torch.dtype = torch.f
     tensors = {name: (t.to(dtype) if t.is_floating_point() else t).contiguous().clone() for name, t in state.items()}
     out = Path(out)
     (out / "tokenizer").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run / "tokenizer" / "vocab.txt", out / "tokenizer" / "vocab.txt")
+    for name in ("vocab.txt", "tokenizer_config.json"):  # older runs lack the second (the casing)
+        if (run / "tokenizer" / name).is_file():
+            shutil.copyfile(run / "tokenizer" / name, out / "tokenizer" / name)
     if (run / ANSWERS_FILE).is_file():
         shutil.copyfile(run / ANSWERS_FILE, out / ANSWERS_FILE)
     config.setdefault("train", {})["output_dir"] = str(out)
