@@ -1,6 +1,6 @@
 """record_cache.py: the main rank reads the training records once and packs them into the
 run; every rank, and every later start with the same sources and code, opens them instead of
-parsing the annotation files again."""
+parsing the annotation files again; a resumed run keeps the vocabulary it was trained with."""
 import json
 import os
 import time
@@ -84,6 +84,30 @@ def test_a_changed_source_is_read_again_even_at_the_same_size_and_time(tmp_path,
     dataset, _, _ = engine_data.build_pretrain_data(cfg, MAIN)
     assert len(reads) == 2
     assert any(first[::-1] in group.texts for group in items(dataset))
+
+
+def test_a_resumed_run_keeps_its_vocabulary_when_the_captions_change(tmp_path, monkeypatch):
+    """The vocabulary is trained on the captions; a restart after they changed would train
+    another, whose ids the checkpoint's embeddings do not follow. A resumed run keeps its own
+    (a new run trains anew), and one whose data.lowercase differs from it stops."""
+    synth = tmp_path / "synthetic"
+    synthetic.generate(synth, 40, 0)
+    first = engine_data.build_pretrain_data(config(tmp_path / "run", synth), MAIN)[1]
+    vocab = (tmp_path / "run" / "tokenizer" / "vocab.txt").read_text()
+    annotations = synth / "annotations" / "captions_train.json"
+    data = json.loads(annotations.read_text())
+    for n, annotation in enumerate(data["annotations"]):
+        annotation["caption"] = f"zebras graze quietly beside giraffes number {n}"
+    annotations.write_text(json.dumps(data))
+    resumed = engine_data.build_pretrain_data(config(tmp_path / "run", synth, "train.resume=true"), MAIN)[1]
+    assert (tmp_path / "run" / "tokenizer" / "vocab.txt").read_text() == vocab
+    assert resumed.encode("a red circle", 10) == first.encode("a red circle", 10)
+    with pytest.raises(ValueError, match="made with do_lower_case=true"):
+        engine_data.build_pretrain_data(config(tmp_path / "run", synth, "train.resume=true", "data.lowercase=false"),
+                                        MAIN)
+    fresh = engine_data.build_pretrain_data(config(tmp_path / "new", synth), MAIN)[1]
+    assert "zebras" in (tmp_path / "new" / "tokenizer" / "vocab.txt").read_text().split()
+    assert fresh.unk_id not in fresh.encode("zebras graze", 10)
 
 
 def test_a_records_cache_is_shared_by_runs(tmp_path, synthetic_set, monkeypatch):

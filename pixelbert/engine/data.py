@@ -21,7 +21,7 @@ from pixelbert.data.images import upright_size
 from pixelbert.data.sampler import StepBatchSampler, build_loader, build_pretrain_loader
 from pixelbert.data.synthetic import ensure_synthetic
 from pixelbert.data.tasks import AnswerVocabulary, TaskDataset, collate_task
-from pixelbert.data.tokenizer import TextTokenizer, build_tokenizer, run_tokenizer
+from pixelbert.data.tokenizer import VOCAB_FILE, TextTokenizer, build_tokenizer, run_tokenizer
 from pixelbert.engine.decoding import build_decoder
 from pixelbert.engine.distributed import DistInfo, log, on_main
 from pixelbert.engine.record_cache import records_folder, shared_records
@@ -214,10 +214,14 @@ def run_records(cfg: Config, name: str, sources: list[SourceConfig], settings: d
 
 def run_vocabulary(cfg: Config, texts: Iterable[str], dist: DistInfo) -> TextTokenizer:
     """data.tokenizer, or the vocabulary the main rank trains on `texts` (or finds cached): every
-    rank then reads the run's copy."""
-    # The main rank trains (or checks) the cached vocabulary; its error, if any, stops every rank.
-    on_main(dist, lambda: build_tokenizer(cfg.data, texts, Path(cfg.train.output_dir) / "tokenizer",
-                                          cfg.model.vocab_size, cfg.data.tokenizer_cache) and None)
+    rank then reads the run's copy. A resumed run keeps the vocabulary it has, even when its
+    captions or settings changed since: its checkpoint's embeddings follow those ids."""
+    own = Path(cfg.train.output_dir) / "tokenizer"
+    if cfg.train.resume and not cfg.data.tokenizer and (own / VOCAB_FILE).is_file():
+        log(dist, f"train.resume: keeping the run's vocabulary ({own}), whose ids the checkpoint's embeddings follow")
+    else:  # the main rank trains (or checks) the cached vocabulary; its error, if any, stops every rank
+        on_main(dist, lambda: build_tokenizer(cfg.data, texts, own, cfg.model.vocab_size,
+                                              cfg.data.tokenizer_cache) and None)
     return fitting(run_tokenizer(cfg.data, cfg.train.output_dir), cfg)
 
 
