@@ -16,6 +16,7 @@ VOCAB_FILE = "vocab.txt"
 FINGERPRINT_FILE = "vocab.fingerprint"
 # Hugging Face's name: BertTokenizer(Fast).from_pretrained takes its do_lower_case (default true).
 SETTINGS_FILE = "tokenizer_config.json"
+RUN_FOLDER_FILES = (VOCAB_FILE, FINGERPRINT_FILE, SETTINGS_FILE)  # what a run's tokenizer/ folder holds
 TRAINER_VERSION = 1  # part of the fingerprint: bump when training settings change
 
 

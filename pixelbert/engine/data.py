@@ -21,7 +21,7 @@ from pixelbert.data.images import upright_size
 from pixelbert.data.sampler import StepBatchSampler, build_loader, build_pretrain_loader
 from pixelbert.data.synthetic import ensure_synthetic
 from pixelbert.data.tasks import AnswerVocabulary, TaskDataset, collate_task
-from pixelbert.data.tokenizer import VOCAB_FILE, TextTokenizer, build_tokenizer, run_tokenizer
+from pixelbert.data.tokenizer import RUN_FOLDER_FILES, VOCAB_FILE, TextTokenizer, build_tokenizer, run_tokenizer
 from pixelbert.engine.decoding import build_decoder
 from pixelbert.engine.distributed import DistInfo, log, on_main
 from pixelbert.engine.record_cache import records_folder, shared_records
@@ -305,7 +305,7 @@ def task_tokenizer(cfg: Config, texts: Iterable[str], dist: DistInfo) -> TextTok
     def copy_vocabulary() -> None:
         if source.resolve() != cache.resolve():
             cache.mkdir(parents=True, exist_ok=True)
-            for name in ("vocab.txt", "vocab.fingerprint", "tokenizer_config.json"):
+            for name in RUN_FOLDER_FILES:
                 if (source / name).is_file():
                     write_atomic(cache / name, (source / name).read_text(encoding="utf-8"))
     on_main(dist, copy_vocabulary)

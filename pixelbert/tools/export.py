@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
+from pixelbert.data.tokenizer import SETTINGS_FILE, VOCAB_FILE
 from pixelbert.engine.data import ANSWERS_FILE, run_dir_of
 from pixelbert.engine.weights import model_state_dict
 from pixelbert.fileio import write_atomic
@@ -37,7 +38,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: torch.dtype = torch.f
     tensors = {name: (t.to(dtype) if t.is_floating_point() else t).contiguous().clone() for name, t in state.items()}
     out = Path(out)
     (out / "tokenizer").mkdir(parents=True, exist_ok=True)
-    for name in ("vocab.txt", "tokenizer_config.json"):  # older runs lack the second (the casing)
+    for name in (VOCAB_FILE, SETTINGS_FILE):  # older runs lack the second (the casing)
         if (run / "tokenizer" / name).is_file():
             shutil.copyfile(run / "tokenizer" / name, out / "tokenizer" / name)
     if (run / ANSWERS_FILE).is_file():
