@@ -36,6 +36,9 @@ def main(argv=None) -> int:
     except FileNotFoundError as e:  # a configured path that is not there: say which, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ConfigError as e:  # found only once the run's files are read (train.resume_strict)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     except TooManyBadRecords as e:  # the data, not the engine: its own exit code, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -270,6 +270,9 @@ class TrainConfig:
     eval_records: int = 0
     eval_batch_size: int = 32
     resume: bool = False
+    # With resume: refuse (exit 2) a resume whose config differs from the checkpoint's in what
+    # the run computes, instead of going on with a warning (resume_changes below).
+    resume_strict: bool = False
     # The paper's optimiser split: SGD for the CNN, AdamW for everything else. A CNN trained from
     # scratch (no backbone_weights) needs "adamw" to learn in time; configs/tiny.json keeps
     # "adamw" for its small synthetic-label CNN too (the setting its ITM runs were measured with).
@@ -498,7 +501,7 @@ class Config:
 # Settings a resumed run may change without changing what it computes from there on: where and
 # how often it logs, saves and validates, when this job stops, how its data is loaded.
 RUN_CONTROL_KEYS = frozenset({
-    "train.resume", "train.output_dir", "train.stop_at_step", "train.log_every", "train.save_every",
+    "train.resume", "train.resume_strict", "train.output_dir", "train.stop_at_step", "train.log_every", "train.save_every",
     "train.keep_checkpoints", "train.best_metric", "train.best_mode", "train.profile_steps",
     "train.eval_every", "train.eval_records", "train.eval_batch_size", "data.num_workers",
     "data.prefetch_factor", "data.records_cache", "data.tokenizer_cache"})

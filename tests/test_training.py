@@ -144,9 +144,14 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, synthetic_di
     assert {"mlm_loss", "itm_loss", "mlm_acc", "itm_acc"} <= set(straight_eval[6])
     assert 1 < straight_eval[6]["images"] < 12  # the images of the first 12 val captions
     assert straight_eval[2]["mlm_loss"] != straight_eval[6]["mlm_loss"]
-    # Resumed with settings that change what it computes: it goes on, and says which.
-    result = launch(interrupted, synthetic_dir, common + ["train.resume=true", "train.max_steps=7",
-                                                          "data.mlm_probability=0.25", "train.log_every=2"])
+    # Resumed with settings that change what it computes: refused under resume_strict, else it
+    # goes on and says which.
+    changed = ["train.resume=true", "train.max_steps=7", "data.mlm_probability=0.25"]
+    result = launch(interrupted, synthetic_dir, common + changed + ["train.resume_strict=true"])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "config error: train.resume_strict" in result.stderr and "train.max_steps: 6 -> 7" in result.stderr
+    assert (interrupted / "checkpoints" / "latest").read_text() == "step_6"
+    result = launch(interrupted, synthetic_dir, common + changed + ["train.log_every=2"])
     assert result.returncode == 0, result.stderr[-3000:]
     warning = next(line for line in (result.stdout + result.stderr).splitlines() if "the config differs" in line)
     assert warning.endswith("data.mlm_probability: 0.3 -> 0.25; train.max_steps: 6 -> 7"), warning

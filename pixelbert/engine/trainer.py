@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from pixelbert import ops
 from pixelbert.attention import resolve_varlen_backend
-from pixelbert.config import Config, resume_changes
+from pixelbert.config import Config, ConfigError, resume_changes
 from pixelbert.engine import checkpoint
 from pixelbert.data import skips as skip_counts
 from pixelbert.data.skips import SkipCounter
@@ -214,6 +214,9 @@ def train(cfg: Config) -> dict:
             start_step = client_state["step"]
             log(dist, f"resumed from {ckpt_dir} at step {start_step}")
             changes = resume_changes(client_state.get("config"), cfg.to_dict())
+            if changes and cfg.train.resume_strict:
+                raise ConfigError(f"train.resume_strict: the config differs from the checkpoint's in {ckpt_dir} in what "
+                                  "the run computes: " + "; ".join(changes))
             if changes:
                 log(dist, "warning: the config differs from the checkpoint's in what the run computes, so it "
                           "goes on as an uninterrupted run would not: " + "; ".join(changes))
