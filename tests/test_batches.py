@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -349,7 +350,9 @@ def test_image_sizes_for_aspect_grouping_come_from_headers_once(images, tmp_path
     from PIL import Image
 
     from pixelbert.engine import data as engine_data
-    grouped = group_by_image([[Record(str(p), i, "a caption") for i, p in enumerate(images[:4])]
+    (tmp_path / "imgs").mkdir()
+    images = [Path(shutil.copy(p, tmp_path / "imgs")) for p in images[:4]]  # one is replaced below
+    grouped = group_by_image([[Record(str(p), i, "a caption") for i, p in enumerate(images)]
                               + [Record(str(tmp_path / "gone.jpg"), 99, "lost")]])
     grouped.groups[0].size = (1, 2)  # from the annotations: kept as given
     cache = tmp_path / "run" / "image_sizes.json"
@@ -361,7 +364,17 @@ def test_image_sizes_for_aspect_grouping_come_from_headers_once(images, tmp_path
     assert grouped.groups[4].size is None  # unreadable: treated as square, skipped when loaded
     # A second run (or a resume) reads the cache, not the headers.
     again = group_by_image([[Record(str(p), i, "a caption", size=(1, 2) if i == 0 else None)
-                              for i, p in enumerate(images[:4])]])
-    monkeypatch.setattr(engine_data, "header_size", lambda path: pytest.fail("read a header again"))
-    engine_data.complete_sizes(again, cache)
+                              for i, p in enumerate(images)]])
+    with monkeypatch.context() as patched:
+        patched.setattr(engine_data, "header_size", lambda path: pytest.fail("read a header again"))
+        engine_data.complete_sizes(again, cache)
     assert [g.size for g in again.groups[1:]] == [g.size for g in grouped.groups[1:4]]
+    # An image replaced in place (same path, another size) is read again; only that one.
+    with Image.open(images[2]) as img:
+        img.transpose(Image.Transpose.ROTATE_90).save(images[2])
+    read = []
+    monkeypatch.setattr(engine_data, "header_size", lambda path: read.append(path) or (7, 5))
+    replaced = group_by_image([[Record(str(p), i, "a caption") for i, p in enumerate(images[1:4])]])
+    engine_data.complete_sizes(replaced, cache)
+    assert read == [str(images[2])]
+    assert [g.size for g in replaced.groups] == [grouped.groups[1].size, (7, 5), grouped.groups[3].size]

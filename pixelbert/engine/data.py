@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from functools import partial
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -150,21 +151,35 @@ def header_size(path: str) -> Optional[tuple[int, int]]:
         return None
 
 
+def file_stamp(path: str) -> Optional[list[int]]:
+    """[bytes, modification time in ns] of a file, None when it is not there: a cached header
+    size is trusted only while its file keeps this stamp (an image replaced in place is read again)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 def complete_sizes(grouped: GroupedRecords, cache: Path) -> None:
     """Give every group an image size for aspect grouping: the annotations' when they have one,
-    else its header's, read once (in threads) and cached in `cache`."""
+    else its header's, read once (in threads) and cached in `cache` with the file's stamp."""
     missing = [g for g in grouped.groups if g.size is None]
     if not missing:
         return
     known = json.loads(cache.read_text()) if cache.is_file() else {}
-    todo = [g.image for g in missing if g.image not in known]
-    if todo:
-        with ThreadPoolExecutor(HEADER_READERS) as pool:
-            known.update(zip(todo, pool.map(header_size, todo)))
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(cache, json.dumps(known))
+    paths = list(dict.fromkeys(g.image for g in missing))
+    with ThreadPoolExecutor(HEADER_READERS) as pool:
+        stamps = dict(zip(paths, pool.map(file_stamp, paths)))
+        # entries of an older cache (a bare size, no stamp) are read again
+        todo = [p for p in paths if not isinstance(known.get(p), dict) or known[p]["stamp"] != stamps[p]]
+        if todo:
+            for path, size in zip(todo, pool.map(header_size, todo)):
+                known[path] = {"size": size, "stamp": stamps[path]}
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(cache, json.dumps(known))
     for group in missing:
-        size = known.get(group.image)
+        size = known[group.image]["size"]
         group.size = tuple(size) if size else None
 
 
