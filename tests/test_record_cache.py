@@ -10,6 +10,7 @@ import torch
 
 from pixelbert.config import load_config
 from pixelbert.data import synthetic
+from pixelbert.data.packed import PackedList
 from pixelbert.engine import data as engine_data
 from pixelbert.engine.distributed import DistInfo
 from tests.launch import clean_env
@@ -125,12 +126,39 @@ def test_a_records_cache_is_shared_by_runs(tmp_path, synthetic_set, monkeypatch)
     assert len(reads) == 2 and len(list(cache.iterdir())) == 2  # no temporary folder left either
 
 
+def test_the_records_cache_tool_lists_and_prunes_by_last_use(tmp_path, synthetic_set, capsys):
+    """A run that reuses an entry marks it used; --prune-days deletes only the entries no run
+    has used for that long (and a killed build's leftovers), and lists what is kept."""
+    from pixelbert.tools import records_cache
+    cache = tmp_path / "cache"
+    windows = {"kept": 4, "stale": 1}
+    for name, window in windows.items():
+        engine_data.build_pretrain_data(config(tmp_path / name, synthetic_set, f"data.records_cache={cache}",
+                                               f"data.aspect_grouping_window={window}"), MAIN)
+    month_ago = time.time() - 30 * 86400
+    for entry in records_cache.entries(cache):
+        os.utime(entry.folder / "fingerprint", (month_ago, month_ago))
+    leftover = cache / ".records.abc_1234.tmp"
+    leftover.mkdir()
+    os.utime(leftover, (month_ago, month_ago))
+    # A later run on the first entry's sources reuses it, which marks it used now.
+    kept, _, _ = engine_data.build_pretrain_data(config(tmp_path / "again", synthetic_set,
+                                                        f"data.records_cache={cache}", "data.aspect_grouping_window=4"), MAIN)
+    assert [e.last_used > month_ago + 86400 for e in records_cache.entries(cache)] == [False, True]
+    capsys.readouterr()
+    assert records_cache.main([str(cache), "--prune-days", "7"]) == 0
+    report = capsys.readouterr().out
+    assert "1 entries deleted" in report and "1 entries," in report and "last used 0.0 days ago" in report
+    (remaining,) = cache.iterdir()
+    assert remaining.name.startswith("records-") and items(kept) == list(PackedList.open(remaining))
+    assert records_cache.main([str(tmp_path / "nowhere")]) == 2
+
+
 def test_publishing_replaces_outdated_records_and_keeps_a_racing_runs(tmp_path):
     """Records are written beside their folder and renamed into place: an outdated folder is
     replaced whole; when another run published the same records first, theirs stay; a build
     that fails leaves the old folder as it was; no temporary folder is left behind."""
     from pixelbert.engine.record_cache import holds, publish
-    from pixelbert.data.packed import PackedList
     folder = tmp_path / "records"
     publish(folder, "old", lambda: ([["a"], ["b"]], {"notes": []}))
     assert holds(folder, "old") and list(PackedList.open(folder)) == [["a"], ["b"]]

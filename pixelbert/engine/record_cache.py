@@ -86,6 +86,27 @@ def holds(folder: Path, expected: str) -> bool:
     return marker.is_file() and marker.read_text() == expected and (folder / META_FILE).is_file()
 
 
+def mark_used(folder: Path) -> None:
+    """Record a reuse: the fingerprint file's modification time is an entry's last use, which
+    `python -m pixelbert.tools.records_cache --prune-days` goes by."""
+    try:
+        os.utime(folder / FINGERPRINT_FILE)
+    except OSError:  # a read-only cache is still usable; it just cannot say it was used
+        pass
+
+
+def last_used(folder: Path) -> float:
+    return (folder / FINGERPRINT_FILE).stat().st_mtime
+
+
+def move_aside(folder: Path) -> Path:
+    """Rename a records folder to a temporary name that sweep_leftovers knows, to be deleted
+    from there: no run finds it half-deleted, and runs that have it open keep their memory maps."""
+    aside = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".old"))
+    os.rename(folder, aside / "records")
+    return aside
+
+
 def publish(folder: Path, key: str, build: Callable[[], tuple[Iterable, dict]]) -> None:
     """`build`'s records and meta saved in `folder`: written into a temporary folder beside it,
     then renamed into place (replacing an outdated one), so no reader meets a partial folder.
@@ -104,10 +125,9 @@ def publish(folder: Path, key: str, build: Callable[[], tuple[Iterable, dict]]) 
         except OSError:  # `folder` exists: the same records another run published, or outdated ones
             if holds(folder, key):
                 return
-        outdated = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".old"))
-        os.rename(folder, outdated / "records")  # a rename onto a non-empty folder fails: move it aside first
+        outdated = move_aside(folder)  # a rename onto a non-empty folder fails
         os.rename(temp, folder)
-        shutil.rmtree(outdated, ignore_errors=True)  # open memory maps of it stay valid
+        shutil.rmtree(outdated, ignore_errors=True)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
 
@@ -140,6 +160,7 @@ def shared_records(place: Callable[[str], Path], settings: dict, sources: list[S
         key = fingerprint(settings, sources)
         folder = place(key)
         if holds(folder, key):
+            mark_used(folder)
             return str(folder), key, False
         publish(folder, key, build)
         return str(folder), key, True
