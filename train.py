@@ -28,6 +28,7 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     configure_accelerator()
+    from pixelbert.data.errors import DataError
     from pixelbert.data.skips import TooManyBadRecords
     from pixelbert.engine.trainer import train
     from pixelbert.engine.distributed import shutdown_distributed
@@ -38,6 +39,9 @@ def main(argv=None) -> int:
         return 2
     except ConfigError as e:  # found only once the run's files are read (train.resume_strict)
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:  # an annotation file not in its format, sources without records
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except TooManyBadRecords as e:  # the data, not the engine: its own exit code, no traceback
         print(f"error: {e}", file=sys.stderr)

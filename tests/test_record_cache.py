@@ -227,5 +227,6 @@ def test_a_broken_source_stops_every_rank(tmp_path):
                             "train.warmup_steps=1"], 2,
                            clean_env(PYTHONUNBUFFERED="1"), timeout=300)
     assert result.returncode != 0
-    message = f"{broken}: invalid JSON at line 1"
+    message = f"error: {broken}: invalid JSON at line 1"
     assert result.stderr.count(message) >= 2, result.stderr[-4000:]  # once per rank
+    assert "Traceback" not in result.stderr  # the user's file: its message, not the engine's stack

@@ -377,12 +377,20 @@ def test_profile_steps_write_a_trace_and_a_table(tmp_path, synthetic_dir):
     assert table.startswith("steps 2-3, sorted by self_cpu_time_total") and "Self CPU" in table
 
 
-def test_missing_data_names_the_path_and_the_synthetic_fallback(tmp_path, synthetic_dir):
+def test_missing_or_malformed_data_names_the_path(tmp_path, synthetic_dir):
     missing = tmp_path / "nowhere" / "captions_train2014.json"
     source = json.dumps([{"format": "coco_captions", "annotations": str(missing), "images": str(tmp_path)}])
     result = launch(tmp_path / "run", synthetic_dir, [f"data.train={source}", "train.eval_every=0"])
     assert result.returncode == 2
     assert str(missing) in result.stderr and "data.train=[]" in result.stderr
+    assert "Traceback" not in result.stderr
+    # A file that is there but not in its format: its message (file, entry, key), exit 2.
+    wrong = tmp_path / "captions.json"
+    wrong.write_text(json.dumps({"images": [{"id": 1, "file_name": "1.jpg"}], "annotations": [{"image_id": 1}]}))
+    source = json.dumps([{"format": "coco_captions", "annotations": str(wrong), "images": str(tmp_path)}])
+    result = launch(tmp_path / "run", synthetic_dir, [f"data.train={source}", "train.eval_every=0"])
+    assert result.returncode == 2
+    assert f"error: {wrong}: annotations[0] has no 'caption'" in result.stderr
     assert "Traceback" not in result.stderr
 
 

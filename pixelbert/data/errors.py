@@ -20,3 +20,11 @@ class BadSample(Exception):
             raise ValueError(f"unknown skip reason {reason!r}; known: {SKIP_REASONS}")
         self.reason, self.where, self.detail = reason, str(where), detail
         super().__init__(f"{reason}: {where}" + (f" ({detail})" if detail else ""))
+
+
+class DataError(ValueError):
+    """The configured data cannot be used as given: an annotation file not in its format (the
+    message names the file, the line or entry, and the key), sources that hold no usable
+    record, a vocabulary that does not fit the text. The user's to fix, so the entry points
+    print the message alone (exit 2), not a traceback; on several ranks the main rank's error
+    reaches every rank (engine/distributed.py on_main)."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from pixelbert.data.errors import DataError
 from pixelbert.fileio import write_atomic
 
 
@@ -45,7 +46,7 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
 def read_coco_captions(annotations: str | Path, images: str | Path) -> list[Record]:
@@ -70,8 +71,8 @@ def read_coco_captions(annotations: str | Path, images: str | Path) -> list[Reco
     for i, ann in enumerate(raw["annotations"]):
         image_id = _get(ann, "image_id", annotations, f"annotations[{i}]")
         if image_id not in files:
-            raise ValueError(f"{annotations}: annotation {ann.get('id')} refers to image_id "
-                             f"{image_id}, which is not in 'images'")
+            raise DataError(f"{annotations}: annotation {ann.get('id')} refers to image_id "
+                            f"{image_id}, which is not in 'images'")
         # COCO captions carry stray spaces and newlines.
         records.append(Record(image=str(images / files[image_id]), image_id=int(image_id),
                               text=_text(_get(ann, "caption", annotations, f"annotations[{i}]")),
@@ -95,8 +96,8 @@ def read_vg_regions(annotations: str | Path, images: str | Path,
     if not isinstance(raw, list):
         got = f"an object with {', '.join(map(repr, list(raw)[:8]))}" if isinstance(raw, dict) \
             else f"a {type(raw).__name__}"
-        raise ValueError(f"{annotations}: not a Visual Genome region descriptions file (needs a "
-                         f"top-level list of {{'id', 'regions'}} entries, got {got})")
+        raise DataError(f"{annotations}: not a Visual Genome region descriptions file (needs a "
+                        f"top-level list of {{'id', 'regions'}} entries, got {got})")
     folders = [Path(f.strip()) for f in str(images).split(",") if f.strip()]
     if not folders:
         raise FileNotFoundError(f"{annotations}: no Visual Genome image folder given")
@@ -154,18 +155,18 @@ def read_vqa(questions: str | Path, annotations_or_None: Optional[str | Path],
         text = _text(_get(q, "question", questions, f"question_id {qid}"))
         if answers is not None:
             if qid not in answers:
-                raise ValueError(f"{annotations_or_None}: no annotation for question_id {qid} of "
-                                 f"{questions}")
+                raise DataError(f"{annotations_or_None}: no annotation for question_id {qid} of "
+                                f"{questions}")
             if ann_images[qid] != image_id:
-                raise ValueError(f"{annotations_or_None}: question_id {qid} has image_id "
-                                 f"{ann_images[qid]}, but {questions} says {image_id}")
+                raise DataError(f"{annotations_or_None}: question_id {qid} has image_id "
+                                f"{ann_images[qid]}, but {questions} says {image_id}")
         records.append(Record(image=str(images / f"COCO_{subtype}_{int(image_id):012d}.jpg"),
                               image_id=image_id, text=text, question_id=qid,
                               answers=None if answers is None else answers[qid], coco_id=int(image_id)))
     orphans = [] if answers is None else sorted(answers.keys() - {r.question_id for r in records})
     if orphans:
-        raise ValueError(f"{annotations_or_None}: annotation of question_id {orphans[0]} has no "
-                         f"question in {questions} ({len(orphans)} such annotations)")
+        raise DataError(f"{annotations_or_None}: annotation of question_id {orphans[0]} has no "
+                        f"question in {questions} ({len(orphans)} such annotations)")
     return records
 
 
@@ -188,16 +189,16 @@ def read_nlvr2(jsonl: str | Path, images: str | Path) -> list[Record]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{jsonl}: invalid JSON on line {number} column {e.colno}: {e.msg}") from None
+            raise DataError(f"{jsonl}: invalid JSON on line {number} column {e.colno}: {e.msg}") from None
         where = f"line {number}"
         identifier = str(_get(obj, "identifier", jsonl, where))
         parts = identifier.split("-")
         if len(parts) != 4:
-            raise ValueError(f"{jsonl}: {where}: identifier {identifier!r} is not "
-                             f"split-set-pair-sentence (as in 'train-10171-0-0')")
+            raise DataError(f"{jsonl}: {where}: identifier {identifier!r} is not "
+                            f"split-set-pair-sentence (as in 'train-10171-0-0')")
         label = _get(obj, "label", jsonl, where)
         if label not in ("True", "False"):
-            raise ValueError(f"{jsonl}: {where}: label must be \"True\" or \"False\", got {label!r}")
+            raise DataError(f"{jsonl}: {where}: label must be \"True\" or \"False\", got {label!r}")
         pair = identifier.rsplit("-", 1)[0]
         folder = images / str(obj["directory"]) if "directory" in obj else images
         records.append(Record(image="", image_id=pair, text=_text(_get(obj, "sentence", jsonl, where)),
@@ -212,8 +213,8 @@ def read_vg_coco_ids(image_data: str | Path) -> dict[int, int]:
     path = Path(image_data)
     raw = read_json(path)
     if not isinstance(raw, list):
-        raise ValueError(f"{path}: not a Visual Genome image_data file (needs a top-level list of "
-                         f"{{'image_id', 'coco_id', ...}} entries, got a {type(raw).__name__})")
+        raise DataError(f"{path}: not a Visual Genome image_data file (needs a top-level list of "
+                        f"{{'image_id', 'coco_id', ...}} entries, got a {type(raw).__name__})")
     coco_ids = {}
     for i, entry in enumerate(raw):
         coco_id = _get(entry, "coco_id", path, f"entry {i}")
@@ -242,8 +243,8 @@ def read_karpathy(json: str | Path, images: str | Path, split: str) -> list[Reco
     for name in wanted:
         if name not in present:
             kind = "not a Karpathy split name" if name not in KARPATHY_SPLITS else "not in this file"
-            raise ValueError(f"{path}: split {name!r} ({kind}; asked for {split!r}); the file has "
-                             f"{', '.join(present) or 'no images'}")
+            raise DataError(f"{path}: split {name!r} ({kind}; asked for {split!r}); the file has "
+                            f"{', '.join(present) or 'no images'}")
     records = []
     for i, entry in enumerate(entries):
         if entry["split"] not in wanted:
@@ -262,21 +263,21 @@ def read_karpathy(json: str | Path, images: str | Path, split: str) -> list[Reco
 def _top(raw: Any, path: Path, what: str, keys: tuple[str, ...]) -> dict:
     """`raw` if it is an object with `keys`; otherwise a ValueError naming the file and the key."""
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: not a {what} file (needs a top-level object with "
-                         f"{', '.join(map(repr, keys))}, got a {type(raw).__name__})")
+        raise DataError(f"{path}: not a {what} file (needs a top-level object with "
+                        f"{', '.join(map(repr, keys))}, got a {type(raw).__name__})")
     for key in keys:
         if key not in raw:
-            raise ValueError(f"{path}: not a {what} file: no top-level {key!r} (it has "
-                             f"{', '.join(map(repr, list(raw)[:8])) or 'no keys'})")
+            raise DataError(f"{path}: not a {what} file: no top-level {key!r} (it has "
+                            f"{', '.join(map(repr, list(raw)[:8])) or 'no keys'})")
     return raw
 
 
 def _get(obj: Any, key: str, path: Path, where: str) -> Any:
     """`obj[key]`; a missing key (or an entry that is not an object) names the file and entry."""
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: {where} is not an object")
+        raise DataError(f"{path}: {where} is not an object")
     if key not in obj:
-        raise ValueError(f"{path}: {where} has no {key!r}")
+        raise DataError(f"{path}: {where} has no {key!r}")
     return obj[key]
 
 

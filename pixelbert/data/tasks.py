@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .dataset import read_first_good
-from .errors import BadSample
+from .errors import BadSample, DataError
 from .formats import Record
 from .images import load_encoded, load_image, pad_images
 from .packed import PackedList
@@ -35,7 +35,7 @@ class AnswerVocabulary:
 
     def __init__(self, answers: list[str]):
         if not answers:
-            raise ValueError("the answer vocabulary is empty: lower task.min_answer_count")
+            raise DataError("the answer vocabulary is empty: lower task.min_answer_count")
         self.answers = answers
         self.index = {a: i for i, a in enumerate(answers)}
 

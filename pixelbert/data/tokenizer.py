@@ -8,6 +8,7 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from pixelbert.data.errors import DataError
 from pixelbert.fileio import write_atomic
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
@@ -35,7 +36,7 @@ class TextTokenizer:
     def __init__(self, vocab: dict[str, int], lowercase: bool = True):
         missing = [t for t in SPECIAL_TOKENS if t not in vocab]
         if missing:
-            raise ValueError(f"the vocabulary lacks the special token(s) {missing}")
+            raise DataError(f"the vocabulary lacks the special token(s) {missing}")
         tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=UNK, max_input_chars_per_word=100))
         tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                                     strip_accents=None, lowercase=lowercase)
@@ -154,9 +155,9 @@ def run_tokenizer(data_cfg, run_dir: str | Path) -> TextTokenizer:
                                 "(train.output_dir), or set data.tokenizer")
     made_lowercase = read_casing(vocab.parent)
     if made_lowercase is not None and made_lowercase != data_cfg.lowercase:
-        raise ValueError(f"data.lowercase={str(data_cfg.lowercase).lower()} but the run's vocabulary {vocab} was "
-                         f"made with do_lower_case={str(made_lowercase).lower()}: its ids only fit text cased "
-                         f"alike; set data.lowercase={str(made_lowercase).lower()}")
+        raise DataError(f"data.lowercase={str(data_cfg.lowercase).lower()} but the run's vocabulary {vocab} was "
+                        f"made with do_lower_case={str(made_lowercase).lower()}: its ids only fit text cased "
+                        f"alike; set data.lowercase={str(made_lowercase).lower()}")
     return TextTokenizer.from_vocab_file(vocab, data_cfg.lowercase)
 
 

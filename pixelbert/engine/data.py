@@ -16,6 +16,7 @@ from PIL import Image
 from pixelbert.config import CAPTION_FORMATS, Config, SourceConfig
 from pixelbert.data import formats
 from pixelbert.data.dataset import GroupedRecords, PretrainDataset, collate, group_by_image
+from pixelbert.data.errors import DataError
 from pixelbert.data.formats import Record
 from pixelbert.data.packed import PackedList
 from pixelbert.data.images import upright_size
@@ -44,7 +45,7 @@ def read_source(source: SourceConfig) -> list[Record]:
         return formats.read_vqa(source.questions, source.annotations or None, source.images)
     if source.format == "nlvr2":
         return formats.read_nlvr2(source.annotations, source.images)
-    raise ValueError(f"unknown data source format {source.format!r}")
+    raise DataError(f"unknown data source format {source.format!r}")
 
 
 def check_source_paths(source: SourceConfig, where: str) -> None:
@@ -67,8 +68,8 @@ def held_out_coco_ids(cfg: Config) -> set[int]:
         check_source_paths(source, f"data.exclude[{i}]")
         ids = {r.coco_id for r in read_source(source) if r.coco_id is not None}
         if not ids:
-            raise ValueError(f"data.exclude[{i}] ({source.annotations or source.questions}) names no COCO "
-                             "image (a Flickr30K Karpathy file has no cocoid): it holds nothing out")
+            raise DataError(f"data.exclude[{i}] ({source.annotations or source.questions}) names no COCO "
+                            "image (a Flickr30K Karpathy file has no cocoid): it holds nothing out")
         held |= ids
     return held
 
@@ -121,8 +122,8 @@ def split_sources(cfg: Config, split: str, dist: DistInfo, task: Optional[str] =
     elif task == "pretrain":
         for i, source in enumerate(configured):
             if source.format not in CAPTION_FORMATS:
-                raise ValueError(f"data.{split}[{i}].format={source.format!r} has no captions to pre-train "
-                                 f"on (MLM + ITM take {CAPTION_FORMATS}); it is a fine-tuning format")
+                raise DataError(f"data.{split}[{i}].format={source.format!r} has no captions to pre-train "
+                                f"on (MLM + ITM take {CAPTION_FORMATS}); it is a fine-tuning format")
     return named_sources(cfg, split, task)
 
 
@@ -133,8 +134,8 @@ def named_sources(cfg: Config, split: str, task: Optional[str] = None) -> list[S
     if configured:
         return configured
     if cfg.data.train:  # the synthetic set's val split would stand in for the real data's
-        raise ValueError(f"data.val is empty while data.train names sources: the {split} split would be the "
-                         "synthetic set's, not your data's; name data.val's sources")
+        raise DataError(f"data.val is empty while data.train names sources: the {split} split would be the "
+                        "synthetic set's, not your data's; name data.val's sources")
     root, source = Path(cfg.data.synthetic_dir), SYNTHETIC_SOURCES[task or cfg.train.task][split]
     rooted = {k: str(root / getattr(source, k)) if getattr(source, k) else ""
               for k in ("annotations", "questions", "images")}
@@ -194,7 +195,7 @@ def build_pretrain_data(cfg: Config, dist: DistInfo, *, encoded_images: bool = F
         notes: list[str] = []
         grouped = group_by_image(read_split(cfg, "train", sources, notes.append))
         if not grouped.groups:
-            raise ValueError("data.train: the configured sources hold no image-text pairs")
+            raise DataError("data.train: the configured sources hold no image-text pairs")
         if cfg.data.aspect_grouping_window > 1:
             complete_sizes(grouped, run_dir / "image_sizes.json")
         return grouped.groups, {
@@ -205,8 +206,8 @@ def build_pretrain_data(cfg: Config, dist: DistInfo, *, encoded_images: bool = F
     groups, meta = run_records(cfg, "records", sources, settings, read_groups, dist)
     tokenizer = run_vocabulary(cfg, (text for group in groups for text in group.texts), dist)
     if cfg.data.max_text_len > cfg.model.max_position_embeddings:
-        raise ValueError(f"data.max_text_len ({cfg.data.max_text_len}) exceeds "
-                         f"model.max_position_embeddings ({cfg.model.max_position_embeddings})")
+        raise DataError(f"data.max_text_len ({cfg.data.max_text_len}) exceeds "
+                        f"model.max_position_embeddings ({cfg.model.max_position_embeddings})")
     sampling = PretrainSources(np.asarray(meta["source_ids"], dtype=np.int64), np.asarray(meta["aspect_ratios"]),
                                [s.weight for s in cfg.data.train] or [1.0], meta["captions"],
                                [tuple(skip) for skip in meta["empty_text_skips"]])
@@ -243,8 +244,8 @@ def run_vocabulary(cfg: Config, texts: Iterable[str], dist: DistInfo) -> TextTok
 def fitting(tokenizer: TextTokenizer, cfg: Config) -> TextTokenizer:
     """`tokenizer`, when the model's embedding has a row for each of its ids."""
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
-                         f"{cfg.model.vocab_size}: raise model.vocab_size")
+        raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+                        f"{cfg.model.vocab_size}: raise model.vocab_size")
     return tokenizer
 
 
@@ -282,7 +283,7 @@ SYNTHETIC_SOURCES = {
 def task_records(cfg: Config, split: str, per_source: list[list[Record]]) -> list[Record]:
     records = [r for source_records in per_source for r in source_records]
     if not any(r.text.strip() for r in records):
-        raise ValueError(f"data.{split}: no {cfg.train.task} records with text")
+        raise DataError(f"data.{split}: no {cfg.train.task} records with text")
     return records
 
 
