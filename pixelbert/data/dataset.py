@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .errors import BadSample
+from .errors import BadSample, DataError
 from .formats import Record
 from .images import load_encoded, load_image, pad_images
 from .masking import IGNORE_INDEX, mask_tokens
@@ -99,9 +99,9 @@ class PretrainDataset(Dataset):
         """`encoded_images`: hand out the file bytes (`"encoded"`) for a batch decoder such as
         DALI instead of decoding here (`"image"`)."""
         if not groups:
-            raise ValueError("PretrainDataset needs at least one image with a caption")
+            raise DataError("PretrainDataset needs at least one image with a caption")
         if data_cfg.itm_negative_probability > 0 and len(groups) < 2:
-            raise ValueError("ITM negatives need at least two different images")
+            raise DataError("ITM negatives need at least two different images")
         # One byte buffer, not Python objects: forked loader workers then share it instead of
         # copying every page they read (see packed.py).
         self.groups = groups if isinstance(groups, PackedList) else PackedList(groups)

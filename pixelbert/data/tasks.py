@@ -76,7 +76,7 @@ class TaskDataset(Dataset):
         the item is `{"bad": (reason, message)}` for the caller to count (evaluation, where
         every record answers for itself)."""
         if not records:
-            raise ValueError(f"{task}: no records")
+            raise DataError(f"{task}: no records")
         if task == "vqa" and answers is None:
             raise ValueError("VQA needs an answer vocabulary")
         self.task, self.tokenizer, self.cfg = task, tokenizer, data_cfg
@@ -88,7 +88,7 @@ class TaskDataset(Dataset):
             self.images = sorted({r.image for r in records})
             self.image_ids = {path: i for i, path in enumerate(self.images)}  # the same on every rank
             if len(self.images) < 2:
-                raise ValueError("retrieval needs texts of at least two images")
+                raise DataError("retrieval needs texts of at least two images")
 
     def __len__(self) -> int:
         return len(self.records)
