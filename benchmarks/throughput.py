@@ -6,8 +6,8 @@
     python benchmarks/throughput.py --max-batch              # GPU: largest micro-batch, +- checkpointing
     python benchmarks/throughput.py --latency                # one VQA-style request, batch 1
 
-Every mode builds what `pixelbert.engine.trainer` builds (build_model, build_optimizer,
-build_scheduler, deepspeed_config, deepspeed.initialize, the training data of
+Every mode builds what `pixelbert.engine.trainer` builds (its build_engine: the model with its
+initial weights, optimiser, schedule and DeepSpeed engine; the training data of
 pixelbert.engine.data with its loader, Prefetcher and BatchPreparer) and runs real steps:
 forward, engine.backward, engine.step. The data are COCO-like JPEGs (benchmarks/dataloader.py's
 generator, 640x480-class, tens of KB each) with five captions per image in the COCO captions
@@ -311,30 +311,19 @@ def run_mode(cfg: Config, mode: Mode, dist, clock: Clock, warmup: int, steps: in
              count_flops: bool = True, profile: int = 0, profile_prefix: Path | None = None) -> dict:
     """Build the engine as the trainer does and time `steps` real steps after `warmup`; then,
     untimed, profile `profile` more into `<profile_prefix>-<mode>.json.gz` and `.txt`."""
-    import deepspeed
     from torch.utils.flop_counter import FlopCounterMode
 
     from pixelbert.data.skips import SkipCounter
     from pixelbert.engine.batches import BatchPreparer, Prefetcher
     from pixelbert.engine.data import build_training_data
-    from pixelbert.engine.optim import build_optimizer, build_scheduler
-    from pixelbert.engine.trainer import attention_plan, deepspeed_config, seed_everything, training_dtype
-    from pixelbert.model.tasks import build_model
+    from pixelbert.engine.trainer import attention_plan, build_engine
 
     cuda = clock.cuda
     reset_peak_memory(cuda)
     data = build_training_data(cfg, dist)
-    ops.set_default_backend(cfg.model.kernels)
-    seed_everything(cfg.train.seed)  # the same initial weights in every mode
-    model = build_model(cfg)
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    dtype = training_dtype(cfg)
+    engine, _, dtype = build_engine(cfg, dist, data)  # the same initial weights in every mode
+    model = engine.module
     plan = attention_plan(cfg, dist.device, torch.bfloat16 if mode.autocast else dtype)
-    model.to(dtype)
-    seed_everything(cfg.train.seed + 1)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg))
     batches = Prefetcher(iter(data.make_loader(0)), BatchPreparer(dist.device, dtype, SkipCounter(), data.decoder),
                          dist.device)
     marks: dict = {}
@@ -421,7 +410,7 @@ def run_mode(cfg: Config, mode: Mode, dist, clock: Clock, warmup: int, steps: in
         "backward_ms": median(bwd), "optimizer_ms": median(opt), "other_ms": median(other),
         "flops_per_step": flops, "flops_from": mode.flops_from, "peak_mem_mb": peak_mb, "losses": losses,
     }
-    del engine, model, optimizer, scheduler, batches, data, records, timed
+    del engine, model, batches, data, records, timed
     reset_peak_memory(cuda)
     return result
 

@@ -27,6 +27,7 @@ from pixelbert.engine.monitors import RunPosition, cut_back_monitors, monitor_ev
 from pixelbert.engine.optim import build_optimizer, build_scheduler
 from pixelbert.engine.profiling import StepProfiler
 from pixelbert.engine.weights import load_initial_weights
+from pixelbert.fileio import write_atomic
 from pixelbert.model.tasks import build_model
 
 
@@ -166,24 +167,10 @@ class Validation:
         return report
 
 
-def train(cfg: Config) -> dict:
-    """Run pre-training or fine-tuning (train.task) as configured; returns the last logged
-    metrics (on every rank)."""
-    dist = init_distributed()
+def build_engine(cfg: Config, dist: DistInfo, data) -> tuple:
+    """The task's model with its initial weights, its optimiser and schedule, wrapped by
+    DeepSpeed: (engine, optimizer, the training float dtype)."""
     import deepspeed  # after init_distributed chose the accelerator
-
-    output_dir = Path(cfg.train.output_dir)
-    ckpt_dir = output_dir / "checkpoints"
-    if dist.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-
-    data = build_training_data(cfg, dist)
-    log(dist, data.description)
-    skips = SkipCounter()
-    if dist.is_main and data.startup_skips:  # every rank read them; count them once
-        skips.add(data.startup_skips, attempts=data.startup_attempts)
-
     ops.set_default_backend(cfg.model.kernels)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank, whatever ran before
     model = build_model(cfg, len(data.answers.answers) if data.answers else None, backbone_weights=False)
@@ -204,44 +191,111 @@ def train(cfg: Config) -> dict:
     seed_everything(cfg.train.seed + 1 + dist.rank)  # dropout differs per rank; data order does not
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg))
+    return engine, optimizer, float_dtype
 
-    start_step = 0
-    if cfg.train.resume:
-        client_state = checkpoint.load(engine, ckpt_dir, dist)
-        if client_state is None:
-            log(dist, f"train.resume: no checkpoint in {ckpt_dir}, starting from step 0")
-        else:
-            start_step = client_state["step"]
-            log(dist, f"resumed from {ckpt_dir} at step {start_step}")
-            changes = resume_changes(client_state.get("config"), cfg.to_dict())
-            if changes and cfg.train.resume_strict:
-                raise ConfigError(f"train.resume_strict: the config differs from the checkpoint's in {ckpt_dir} in what "
-                                  "the run computes: " + "; ".join(changes))
-            if changes:
-                log(dist, "warning: the config differs from the checkpoint's in what the run computes, so it "
-                          "goes on as an uninterrupted run would not: " + "; ".join(changes))
-    metrics_log = JsonlLog(output_dir / "metrics.jsonl", start_step if cfg.train.resume else None) \
-        if dist.is_main else None
-    if engine.monitor.enabled and dist.is_main:  # rank 0 writes the monitors' files
-        for folder, dropped in cut_back_monitors(engine.monitor, RunPosition(start_step, engine.global_samples)).items():
-            if dropped:
-                log(dist, f"monitor: dropped {dropped} events logged past step {start_step} from {folder}")
 
+def resume(engine, cfg: Config, ckpt_dir: Path, dist: DistInfo) -> int:
+    """With train.resume, load the latest checkpoint into `engine` and say (or, with
+    train.resume_strict, refuse) what the config changes; the step to go on from."""
+    if not cfg.train.resume:
+        return 0
+    client_state = checkpoint.load(engine, ckpt_dir, dist)
+    if client_state is None:
+        log(dist, f"train.resume: no checkpoint in {ckpt_dir}, starting from step 0")
+        return 0
+    log(dist, f"resumed from {ckpt_dir} at step {client_state['step']}")
+    changes = resume_changes(client_state.get("config"), cfg.to_dict())
+    if changes and cfg.train.resume_strict:
+        raise ConfigError(f"train.resume_strict: the config differs from the checkpoint's in {ckpt_dir} in what "
+                          "the run computes: " + "; ".join(changes))
+    if changes:
+        log(dist, "warning: the config differs from the checkpoint's in what the run computes, so it "
+                  "goes on as an uninterrupted run would not: " + "; ".join(changes))
+    return client_state["step"]
+
+
+class TrainLog:
+    """Each train.log_every steps: the window's losses, rates, throughput, data wait, gradient
+    norm and skips into metrics.jsonl (main rank), DeepSpeed's monitors and the progress bar;
+    stops the run when the skips pass data.max_bad_fraction."""
+
+    def __init__(self, cfg: Config, engine, dist: DistInfo, output_dir: Path, start_step: int):
+        self.cfg, self.engine, self.dist = cfg, engine, dist
+        self.metrics = JsonlLog(output_dir / "metrics.jsonl", start_step if cfg.train.resume else None) \
+            if dist.is_main else None
+        if engine.monitor.enabled and dist.is_main:  # rank 0 writes the monitors' files
+            for folder, dropped in cut_back_monitors(engine.monitor,
+                                                     RunPosition(start_step, engine.global_samples)).items():
+                if dropped:
+                    log(dist, f"monitor: dropped {dropped} events logged past step {start_step} from {folder}")
+        self.window = MetricsWindow(dist.device)
+        self.grad_norms: list[torch.Tensor] = []  # one per optimiser step since the last log line
+        self.progress = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not dist.is_main,
+                             desc=cfg.train.task, dynamic_ncols=True)
+        self.window_start = time.perf_counter()
+        self.last: dict = {}
+
+    def step_done(self, step_norm) -> None:
+        if step_norm is not None:  # a device tensor, or a float (inf on an fp16 overflow): no sync here
+            self.grad_norms.append(torch.as_tensor(step_norm, dtype=torch.float64, device=self.dist.device))
+        self.progress.update(1)
+
+    def write(self, step: int, rates: dict, batches: Prefetcher, skips: SkipCounter) -> None:
+        elapsed = time.perf_counter() - self.window_start
+        summary = self.window.summary()
+        skipped, attempts = skips.totals(all_reduce_sum, self.dist.device)
+        last = {"step": step, **{k: v for k, v in summary.items() if k not in ("samples", "images")},
+                **rates,
+                "samples_per_s": summary["samples"] / elapsed,
+                "images_per_s": summary["images"] / elapsed,
+                "data_wait_fraction": batches.wait_s / elapsed,
+                "skipped": skipped}
+        if self.grad_norms:  # the steps' global gradient norms before clipping, averaged
+            last["grad_norm"] = torch.stack(self.grad_norms).mean().item()
+            self.grad_norms.clear()
+        if self.metrics:
+            self.metrics.write(last)
+        if self.engine.monitor.enabled:
+            self.engine.monitor.write_events(monitor_events("Train", last, step))
+        shown = {k.removesuffix("_loss"): f"{v:.3f}" for k, v in last.items() if k.endswith("_loss")}
+        self.progress.set_postfix(loss=f"{last['loss']:.3f}", **shown, sps=f"{last['samples_per_s']:.1f}")
+        self.window.reset()
+        self.window_start, batches.wait_s = time.perf_counter(), 0.0
+        self.last = last
+        skips.check(skipped, attempts, self.cfg.data.max_bad_fraction, self.cfg.data.min_items_before_bad_check)
+
+    def pause(self, seconds: float) -> None:
+        """Leave `seconds` (a validation) out of the window's samples_per_s."""
+        self.window_start += seconds
+
+
+def train(cfg: Config) -> dict:
+    """Run pre-training or fine-tuning (train.task) as configured; returns the last logged
+    metrics (on every rank)."""
+    dist = init_distributed()
+    output_dir = Path(cfg.train.output_dir)
+    ckpt_dir = output_dir / "checkpoints"
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(output_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+
+    data = build_training_data(cfg, dist)
+    log(dist, data.description)
+    skips = SkipCounter()
+    if dist.is_main and data.startup_skips:  # every rank read them; count them once
+        skips.add(data.startup_skips, attempts=data.startup_attempts)
+    engine, optimizer, float_dtype = build_engine(cfg, dist, data)
+    start_step = resume(engine, cfg, ckpt_dir, dist)
+    train_log = TrainLog(cfg, engine, dist, output_dir, start_step)
     validation = Validation(cfg, data, dist, float_dtype, start_step) if cfg.train.eval_every else None
     best = BestValidation(cfg, ckpt_dir) if cfg.train.best_metric else None
     batches = Prefetcher(iter(data.make_loader(start_step)),
                          BatchPreparer(dist.device, float_dtype, skips, data.decoder), dist.device)
     accum = cfg.grad_accum_steps
     stop_step = cfg.train.stop_at_step or cfg.train.max_steps
-    window = MetricsWindow(dist.device)
-    grad_norms: list[torch.Tensor] = []  # one per optimiser step since the last log line
     profiler = StepProfiler(*cfg.train.profile_steps, output_dir, f"profile_rank{dist.rank}",
                             dist.device.type == "cuda") if cfg.train.profile_steps else None
-    window_start = time.perf_counter()
-    last: dict = {}
     engine.train()
-    progress = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not dist.is_main,
-                    desc=cfg.train.task, dynamic_ncols=True)
     try:  # the loader workers end with the loop, also on an error
         for step in range(start_step + 1, stop_step + 1):
             if profiler:
@@ -251,42 +305,19 @@ def train(cfg: Config) -> dict:
                 batch, stats = next(batches)
                 out = engine(batch)
                 engine.backward(out["loss"])
-                window.add(out, samples=len(batch["input_ids"]), images=stats["images"],
-                           padded_fraction=stats["padded_fraction"])
+                train_log.window.add(out, samples=len(batch["input_ids"]), images=stats["images"],
+                                     padded_fraction=stats["padded_fraction"])
                 if micro == accum - 1:
-                    if window.any_nonfinite():
+                    if train_log.window.any_nonfinite():
                         raise FloatingPointError(f"non-finite loss at step {step}; the optimiser did not step. "
                                                  "Lower the learning rates or check the data of this step.")
                     own_norm = plain_grad_norm(engine)
                 engine.step()
-            step_norm = own_norm if own_norm is not None else engine.get_global_grad_norm()
-            if step_norm is not None:  # a device tensor, or a float (inf on an fp16 overflow): no sync here
-                grad_norms.append(torch.as_tensor(step_norm, dtype=torch.float64, device=dist.device))
+            train_log.step_done(own_norm if own_norm is not None else engine.get_global_grad_norm())
             if profiler:
                 profiler.after(step)
-            progress.update(1)
             if step % cfg.train.log_every == 0 or step == stop_step:
-                elapsed = time.perf_counter() - window_start
-                summary = window.summary()
-                skipped, attempts = skips.totals(all_reduce_sum, dist.device)
-                last = {"step": step, **{k: v for k, v in summary.items() if k not in ("samples", "images")},
-                        **rates,
-                        "samples_per_s": summary["samples"] / elapsed,
-                        "images_per_s": summary["images"] / elapsed,
-                        "data_wait_fraction": batches.wait_s / elapsed,
-                        "skipped": skipped}
-                if grad_norms:  # the steps' global gradient norms before clipping, averaged
-                    last["grad_norm"] = torch.stack(grad_norms).mean().item()
-                    grad_norms.clear()
-                if metrics_log:
-                    metrics_log.write(last)
-                if engine.monitor.enabled:
-                    engine.monitor.write_events(monitor_events("Train", last, step))
-                shown = {k.removesuffix("_loss"): f"{v:.3f}" for k, v in last.items() if k.endswith("_loss")}
-                progress.set_postfix(loss=f"{last['loss']:.3f}", **shown, sps=f"{last['samples_per_s']:.1f}")
-                window.reset()
-                window_start, batches.wait_s = time.perf_counter(), 0.0
-                skips.check(skipped, attempts, cfg.data.max_bad_fraction, cfg.data.min_items_before_bad_check)
+                train_log.write(step, rates, batches, skips)
             validate = validation and (step % cfg.train.eval_every == 0 or step == stop_step)
             save = (cfg.train.save_every and step % cfg.train.save_every == 0) or step == stop_step
             if validate or save:
@@ -294,7 +325,7 @@ def train(cfg: Config) -> dict:
             new_best = False
             if validate:
                 report = validation.run(engine, step)
-                window_start += report["eval_s"]  # samples_per_s counts training time only
+                train_log.pause(report["eval_s"])  # samples_per_s counts training time only
                 new_best = best is not None and best.improves(report)
             if save or new_best:
                 saved = checkpoint.save(engine, ckpt_dir, step, dist, {"config": cfg.to_dict()},
@@ -307,7 +338,7 @@ def train(cfg: Config) -> dict:
             profiler.close()
             if profiler.written:
                 log(dist, f"profile of steps {profiler.first}-{profiler.last}: {', '.join(map(str, profiler.written))}")
-        progress.close()
+        train_log.progress.close()
         batches.close()
     skipped, attempts = skips.totals(all_reduce_sum, dist.device)
     log(dist, f"bad records skipped: {skip_counts.summary(skipped)} (of {attempts} read)")
@@ -316,4 +347,4 @@ def train(cfg: Config) -> dict:
     (output_dir / f"state_bytes_rank{dist.rank}.json").write_text(json.dumps(state_bytes(engine), indent=2))
     log(dist, f"stopped at step {stop_step}; metrics in {output_dir / 'metrics.jsonl'}, "
               f"checkpoints in {ckpt_dir}")
-    return last
+    return train_log.last
