@@ -34,10 +34,16 @@ def set_default_backend(name: Optional[str]) -> None:
     _default_backend = name
 
 
+# backend -> why it could not be imported (shown when it is asked for: a broken install, not
+# only a missing one, must be told apart from a backend that does not exist).
+_IMPORT_ERRORS: dict[str, str] = {}
+
+
 def _load_ext():
     try:
         from pixelbert import _C
-    except ImportError:
+    except ImportError as error:  # not built (pip install --no-build-isolation -e .)
+        _IMPORT_ERRORS["ext"] = str(error)
         return None
     return _C
 
@@ -45,7 +51,8 @@ def _load_ext():
 def _load_triton_kernels():
     try:
         from pixelbert import kernels
-    except ImportError:  # triton is not installed
+    except ImportError as error:  # triton is not installed, or kernels/ is not mapped to pixelbert.kernels
+        _IMPORT_ERRORS["triton"] = str(error)
         return None
     return kernels
 
@@ -110,8 +117,9 @@ def unavailable_reason(backend: str, op: str, device: torch.device,
                 dtype: Optional[torch.dtype]) -> Optional[str]:
     """Why `backend` cannot run `op` on `dtype` tensors of `device`, or None when it can."""
     if backend not in _REGISTRY[op]:
+        cause = f"; its import failed: {_IMPORT_ERRORS[backend]}" if backend in _IMPORT_ERRORS else ""
         return (f"kernel backend {backend!r} has no implementation of {op} "
-                f"(available: {sorted(_REGISTRY[op])})")
+                f"(available: {sorted(_REGISTRY[op])}){cause}")
     if backend == "triton" and device.type == "cpu" and not triton_interpreted():
         return "kernel backend 'triton' runs CPU tensors only with TRITON_INTERPRET=1 set before import"
     if backend == "triton" and device.type == "cpu" and interpreter_incompatibility():

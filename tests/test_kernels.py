@@ -31,7 +31,7 @@ def require(backend, device, dtype):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     if backend not in ops.available_backends("pool_sample"):
-        pytest.fail(f"backend {backend!r} is not built/installed here")
+        pytest.fail(ops.unavailable_reason(backend, "pool_sample", torch.device(device), dtype))
     if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter mishandles bf16; covered by the gpu tests")
 

@@ -126,3 +126,12 @@ def test_dispatch_names_and_errors(monkeypatch):
             ops.resolve_backend("embed_layernorm", None, cpu)
     finally:
         ops.set_default_backend(None)
+
+
+def test_a_backend_that_failed_to_import_says_why(monkeypatch):
+    """A broken install (e.g. kernels/ not mapped to pixelbert.kernels) is told apart from a
+    backend that does not implement the op: the import error is in the message."""
+    monkeypatch.setitem(ops._IMPORT_ERRORS, "triton", "No module named 'pixelbert.kernels'")
+    monkeypatch.delitem(ops._REGISTRY["pool_sample"], "triton", raising=False)
+    with pytest.raises(RuntimeError, match=r"its import failed: No module named 'pixelbert.kernels'"):
+        ops.resolve_backend("pool_sample", "triton", torch.device("cpu"))
