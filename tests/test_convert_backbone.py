@@ -4,6 +4,7 @@ Detectron's forward pass on its own blobs (BGR input minus its mean, affine norm
 import json
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -128,18 +129,25 @@ def test_the_engine_takes_the_normalisation_from_the_file(tmp_path, capsys):
         load_config("configs/tiny.json", weights + right[:2] + ["model.frozen_bn=false"])
 
 
-def test_bad_pickles_are_refused_with_a_reason(tmp_path):
+def test_bad_pickles_are_refused_with_a_reason(tmp_path, capsys):
     evil = tmp_path / "evil.pkl"
     evil.write_bytes(pickle.dumps({"blobs": {"conv1_w": os.getcwd}}, protocol=2))
     with pytest.raises(pickle.UnpicklingError, match=r"refusing to load (posix|os|nt)\.getcwd"):
         read_detectron_blobs(evil)
     blobs = detectron_blobs(SPEC)
     write_pickle(tmp_path / "other.pkl", {"blobs": {**blobs, "fpn_inner_res5_w": np.zeros((1, 1, 1, 1), np.float32)}})
-    with pytest.raises(ValueError, match=r"not a Detectron ResNet/ResNeXt trunk.*fpn_inner_res5_w"):
-        convert_backbone.main([str(tmp_path / "other.pkl"), "--arch", "tinyx", "--out", str(tmp_path / "o.safetensors")])
+    def refused(pickle_file: str) -> str:  # the command's one-line error (exit 2), no traceback
+        assert convert_backbone.main([str(tmp_path / pickle_file), "--arch", "tinyx",
+                                      "--out", str(tmp_path / "o.safetensors")]) == 2
+        assert not (tmp_path / "o.safetensors").exists()
+        return capsys.readouterr().err
+    assert re.search(r"^error: blobs that are not a Detectron ResNet/ResNeXt trunk.*fpn_inner_res5_w", refused("other.pkl"))
     write_pickle(tmp_path / "short.pkl", {"blobs": {k: v for k, v in blobs.items() if not k.startswith("res5_")}})
-    with pytest.raises(ValueError, match=r"not a tinyx: missing \['layer4.0.bn1.bias'"):
-        convert_backbone.main([str(tmp_path / "short.pkl"), "--arch", "tinyx", "--out", str(tmp_path / "s.safetensors")])
+    assert re.search(r"^error: not a tinyx: missing \['layer4.0.bn1.bias'", refused("short.pkl"))
+    assert "refusing to load" in refused("evil.pkl") and "No such file" in refused("nowhere.pkl")
+    (tmp_path / "empty.pkl").write_bytes(b"")
+    (tmp_path / "text.pkl").write_text("<html>not found</html>")
+    assert refused("empty.pkl").startswith("error: ") and refused("text.pkl").startswith("error: ")
     with pytest.raises(ValueError, match=r"wrong shapes \['conv1.weight \(16, 3, 7, 7\) vs \(64, 3, 7, 7\)"):
         convert_backbone.check_fits(convert_backbone.convert(blobs)[0], "resnet50")
     with pytest.raises(SystemExit):  # the metadata needs safetensors

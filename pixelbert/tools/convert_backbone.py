@@ -148,8 +148,12 @@ def main(argv=None) -> int:
         parser.error("--out must be a .safetensors file: its metadata records the input normalisation")
     from safetensors.torch import save_file
 
-    state, ignored = convert(read_detectron_blobs(args.pickle), input_bgr=not args.input_rgb)
-    check_fits(state, args.arch)
+    try:
+        state, ignored = convert(read_detectron_blobs(args.pickle), input_bgr=not args.input_rgb)
+        check_fits(state, args.arch)
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as e:  # a missing or cut file, other weights
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     order = slice(None) if args.input_rgb else slice(None, None, -1)
     mean_rgb, std_rgb = list(args.pixel_mean)[order], list(args.pixel_std)[order]
     out.parent.mkdir(parents=True, exist_ok=True)
