@@ -739,3 +739,12 @@ def test_backbone_pretraining_on_synthetic_labels(synth, tmp_path):
     losses = pretrain(synth, tmp_path / "cnn.pth", steps=30, batch=8, shorter=64, longer=128, log_every=0)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     build_backbone("tiny", frozen_bn=False, weights=tmp_path / "cnn.pth")  # loads strictly
+
+
+@pytest.mark.parametrize("args", [["--backbone", "nope"], ["--steps", "0"], ["--batch", "-1"], ["--lr", "0"]])
+def test_backbone_pretraining_refuses_bad_arguments(tmp_path, capsys, args):
+    from pixelbert.tools.pretrain_backbone import main
+    with pytest.raises(SystemExit) as stopped:
+        main(["--synthetic", str(tmp_path / "never"), "--out", str(tmp_path / "cnn.pth"), *args])
+    assert stopped.value.code == 2 and "error:" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()  # refused before generating anything

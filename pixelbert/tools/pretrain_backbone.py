@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pixelbert.data.images import IMAGENET_NORM, load_image, pad_images
 from pixelbert.data.synthetic import PALETTE, SHAPES, ensure_synthetic
 from pixelbert.fileio import torch_save_atomic
-from pixelbert.model.backbone import build_backbone
+from pixelbert.model.backbone import SPECS, build_backbone
 
 
 def scene_labels(scene: dict) -> torch.Tensor:
@@ -70,11 +70,13 @@ def main(argv=None) -> int:
     parser.add_argument("--synthetic", default="data/synthetic", help="synthetic set folder (generated if absent)")
     parser.add_argument("--images", type=int, default=2000, help="images of the synthetic set")
     parser.add_argument("--out", required=True, help="where to write the backbone state dict (.pth)")
-    parser.add_argument("--backbone", default="tiny")
+    parser.add_argument("--backbone", default="tiny", choices=sorted(SPECS))
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     args = parser.parse_args(argv)
+    if min(args.images, args.steps, args.batch) < 1 or not args.lr > 0:
+        parser.error("--images, --steps and --batch must be >= 1 and --lr > 0")
     root = Path(args.synthetic)
     ensure_synthetic(root, args.images, 0)
     pretrain(root, Path(args.out), backbone=args.backbone, steps=args.steps, batch=args.batch, lr=args.lr)
