@@ -212,6 +212,27 @@ def test_zero_two_rank_resume_equals_uninterrupted(tmp_path, synthetic_dir, stag
         assert same_eval(resumed_eval[step], straight_eval[step]), (step, resumed_eval[step], straight_eval[step])
 
 
+def test_a_resume_on_another_number_of_ranks_says_so(tmp_path, synthetic_dir):
+    """The global batch (so the data stream) follows the number of ranks: a resume on more or
+    fewer ranks goes on with a warning naming the change (the rank the saving run lacked starts
+    from its own random state), and train.resume_strict refuses it. Without ZeRO partitions,
+    DeepSpeed loads the state on any number of ranks."""
+    common = SMALL + ["train.max_steps=4", "data.num_workers=0", "deepspeed.train_micro_batch_size_per_gpu=4"]
+    run = tmp_path / "run"
+    run_train(run, synthetic_dir, common + ["train.stop_at_step=2"])
+    strict = launch(run, synthetic_dir, common + ["train.resume=true", "train.resume_strict=true",
+                                                  "train.stop_at_step=3"], ranks=2, timeout=300)
+    assert strict.returncode != 0 and "config error: train.resume_strict" in strict.stderr
+    assert "ranks: 1 -> 2 (a step's pairs: 4 -> 8)" in strict.stderr
+    grown = launch(run, synthetic_dir, common + ["train.resume=true", "train.stop_at_step=3"], ranks=2, timeout=300)
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    assert "ranks: 1 -> 2 (a step's pairs: 4 -> 8)" in grown.stdout + grown.stderr
+    shrunk = launch(run, synthetic_dir, common + ["train.resume=true"])
+    assert shrunk.returncode == 0, shrunk.stderr[-3000:]
+    assert "ranks: 2 -> 1 (a step's pairs: 8 -> 4)" in shrunk.stdout + shrunk.stderr
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
 @pytest.mark.parametrize("metric, mode", [("itm_acc", "max"), ("mlm_loss", "min")])
 def test_best_validation_keeps_its_checkpoint(tmp_path, synthetic_dir, metric, mode):
     """train.best_metric: a validation better than every earlier one saves a checkpoint named in

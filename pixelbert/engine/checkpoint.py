@@ -85,7 +85,8 @@ def latest_tag(directory: str | Path) -> Optional[str]:
 
 
 def load(engine, directory: str | Path, dist: DistInfo) -> Optional[dict]:
-    """Restore the latest checkpoint into `engine` and this rank's RNG; None when there is none."""
+    """Restore the latest checkpoint into `engine` and this rank's RNG (a rank the saving run
+    did not have keeps its own); its client state, None when there is none."""
     tag = latest_tag(directory)
     if tag is None:
         return None
@@ -93,8 +94,10 @@ def load(engine, directory: str | Path, dist: DistInfo) -> Optional[dict]:
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {directory}/{tag}")
     rng_file = Path(directory) / tag / f"rng_rank{dist.rank}.pt"
-    if not rng_file.exists():
-        raise RuntimeError(f"{rng_file} is missing: the checkpoint was written by a different number "
-                           "of ranks; exact resume needs the same world size")
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    elif client_state.get("world_size", dist.world_size) >= dist.world_size:  # this rank wrote one
+        raise RuntimeError(f"{rng_file} is missing: the checkpoint is incomplete"
+                           + ("" if "world_size" in client_state else " or was written by fewer ranks"))
+    # else a rank the saving run did not have: it goes on from its fresh random state
     return client_state

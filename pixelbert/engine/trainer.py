@@ -205,6 +205,11 @@ def resume(engine, cfg: Config, ckpt_dir: Path, dist: DistInfo) -> int:
         return 0
     log(dist, f"resumed from {ckpt_dir} at step {client_state['step']}")
     changes = resume_changes(client_state.get("config"), cfg.to_dict())
+    saved_ranks = client_state.get("world_size", dist.world_size)  # older checkpoints: not recorded
+    if saved_ranks != dist.world_size:  # the global batch, so the data stream, changes with it
+        per_rank = cfg.micro_batch_size * cfg.grad_accum_steps
+        changes.append(f"ranks: {saved_ranks} -> {dist.world_size} (a step's pairs: {saved_ranks * per_rank} -> "
+                       f"{dist.world_size * per_rank})")
     if changes and cfg.train.resume_strict:
         raise ConfigError(f"train.resume_strict: the config differs from the checkpoint's in {ckpt_dir} in what "
                           "the run computes: " + "; ".join(changes))
@@ -328,8 +333,8 @@ def train(cfg: Config) -> dict:
                 train_log.pause(report["eval_s"])  # samples_per_s counts training time only
                 new_best = best is not None and best.improves(report)
             if save or new_best:
-                saved = checkpoint.save(engine, ckpt_dir, step, dist, {"config": cfg.to_dict()},
-                                        keep=cfg.train.keep_checkpoints,
+                run_state = {"config": cfg.to_dict(), "world_size": dist.world_size}
+                saved = checkpoint.save(engine, ckpt_dir, step, dist, run_state, keep=cfg.train.keep_checkpoints,
                                         best={"metric": best.metric, "value": best.value} if new_best else None)
                 if new_best:
                     log(dist, f"best validation so far ({best.metric} {best.value:.4f}): {saved}")
