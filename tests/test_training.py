@@ -216,7 +216,7 @@ def test_a_resume_on_another_number_of_ranks_says_so(tmp_path, synthetic_dir):
     """The global batch (so the data stream) follows the number of ranks: a resume on more or
     fewer ranks goes on with a warning naming the change (the rank the saving run lacked starts
     from its own random state), and train.resume_strict refuses it. Without ZeRO partitions,
-    DeepSpeed loads the state on any number of ranks."""
+    DeepSpeed loads the state on any number of ranks; with them it cannot, which is a config error."""
     common = SMALL + ["train.max_steps=4", "data.num_workers=0", "deepspeed.train_micro_batch_size_per_gpu=4"]
     run = tmp_path / "run"
     run_train(run, synthetic_dir, common + ["train.stop_at_step=2"])
@@ -231,6 +231,14 @@ def test_a_resume_on_another_number_of_ranks_says_so(tmp_path, synthetic_dir):
     assert shrunk.returncode == 0, shrunk.stderr[-3000:]
     assert "ranks: 2 -> 1 (a step's pairs: 8 -> 4)" in shrunk.stdout + shrunk.stderr
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    # ZeRO's optimiser partitions fit the saving run's ranks only: DeepSpeed refuses, and the
+    # run says what to do instead of dying in a traceback.
+    zero = common + ["deepspeed.zero_optimization.stage=2"]
+    run_train(tmp_path / "zero", synthetic_dir, zero + ["train.stop_at_step=1"])
+    refused = launch(tmp_path / "zero", synthetic_dir, zero + ["train.resume=true"], ranks=2, timeout=300)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "config error:" in refused.stderr and "DP world size of 1" in refused.stderr
+    assert f"task.init_from={tmp_path / 'zero' / 'checkpoints'}/step_1" in refused.stderr
 
 
 @pytest.mark.parametrize("metric, mode", [("itm_acc", "max"), ("mlm_loss", "min")])

@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from pixelbert.config import ConfigError
 from pixelbert.engine.distributed import DistInfo, barrier, on_main
 from pixelbert.fileio import torch_save_atomic, write_atomic
 
@@ -90,7 +91,13 @@ def load(engine, directory: str | Path, dist: DistInfo) -> Optional[dict]:
     tag = latest_tag(directory)
     if tag is None:
         return None
-    path, client_state = engine.load_checkpoint(str(directory), tag=tag)
+    from deepspeed.runtime.zero.utils import ZeRORuntimeException
+    try:
+        path, client_state = engine.load_checkpoint(str(directory), tag=tag)
+    except ZeRORuntimeException as error:  # ZeRO's optimiser partitions fit the saving run's ranks only
+        raise ConfigError(f"{directory}/{tag}: {error} Resume on the number of ranks that saved it, or start a "
+                          f"new run from its weights (task.init_from={directory}/{tag}: the optimiser state "
+                          "starts afresh)") from None
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {directory}/{tag}")
     rng_file = Path(directory) / tag / f"rng_rank{dist.rank}.pt"
