@@ -91,11 +91,11 @@ def run(argv=None) -> int:
                              f"{task} run with this config")
         records = read_eval_records(cfg, args.split, dist)
         decoder, decoder_name = eval_decoder(cfg, dist.device)
+    except ConfigError as e:  # data.decoder=dali without DALI, records on a folder other ranks cannot see
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError) as e:  # a missing path, a source of the wrong kind
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:  # data.decoder=dali without DALI
-        print(f"config error: {e}", file=sys.stderr)
         return 2
     model.to(dist.device).eval()
     skips = SkipCounter()  # the whole split's on every rank: evaluate merges the ranks' skips

@@ -15,6 +15,7 @@ import torch
 from pixelbert.config import DataConfig
 from pixelbert.data.dataset import (ImageGroup, PretrainDataset, collate, drop_images,
                                     group_by_image, padded_fraction)
+from pixelbert.data.errors import DataError
 from pixelbert.data.formats import Record
 from pixelbert.data.masking import IGNORE_INDEX
 from pixelbert.data.sampler import StepBatchSampler
@@ -294,7 +295,7 @@ def test_a_micro_batch_with_no_decodable_image_is_replaced_by_the_last_decoded_o
     batches = [collate([encoded[(i, i)] for i in range(start, start + 2)], tok.pad_id, 32) for start in (0, 2)]
     skips = SkipCounter()
     prepare = BatchPreparer(torch.device("cpu"), torch.float32, skips, FailingDecoder([0, 1]))
-    with pytest.raises(RuntimeError, match="first micro-batch could be decoded.*truncated"):
+    with pytest.raises(DataError, match="first micro-batch could be decoded.*truncated"):
         prepare(batches[0])  # nothing decoded yet: nothing can stand in
     prepare.decoder = FailingDecoder([])
     good, _ = prepare(batches[0])

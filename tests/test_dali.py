@@ -232,3 +232,15 @@ def test_mixed_matches_pil(tmp_path, shorter, longer, multiple):
     assert out.images.is_cuda
     assert_matches(out, *pil_batch(tmp_path, blobs, shorter, longer, multiple),
                    mean_tol=MEAN_TOL_GPU, max_tol=MAX_TOL_GPU, interior_tol=MAX_TOL_GPU)
+
+
+def test_dali_asked_for_without_dali_is_a_config_error(monkeypatch):
+    """data.decoder=dali on a machine without DALI: a config error naming the package and the
+    fallback (train.py and evaluate exit 2 with it), never a silent switch to PIL."""
+    from pixelbert.config import ConfigError, DataConfig
+    from pixelbert.data import dali_decode
+    from pixelbert.engine.decoding import build_decoder
+    monkeypatch.setattr(dali_decode, "dali_available", lambda: False)
+    with pytest.raises(ConfigError, match="NVIDIA DALI is not installed.*data.decoder=pil"):
+        build_decoder(DataConfig(decoder="dali"), torch.device("cpu"), 8)
+    assert build_decoder(DataConfig(decoder="auto"), torch.device("cpu"), 8)[0] is None  # auto: PIL here

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from pixelbert.config import load_config
+from pixelbert.config import ConfigError, load_config
 from pixelbert.data import synthetic
 from pixelbert.data.packed import PackedList
 from pixelbert.engine import data as engine_data
@@ -208,7 +208,7 @@ def test_records_missing_on_another_rank_are_a_clear_error(tmp_path, synthetic_s
     cfg = config(tmp_path / "run", synthetic_set)
     engine_data.build_pretrain_data(cfg, MAIN)
     (tmp_path / "run" / "records" / "fingerprint").write_text("another start's")
-    with pytest.raises(RuntimeError, match="must be on a file system every rank sees"):
+    with pytest.raises(ConfigError, match="must be on a file system every rank sees"):
         engine_data.build_pretrain_data(cfg, OTHER)
 
 

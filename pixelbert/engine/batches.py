@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from pixelbert.data.dataset import drop_images, padded_fraction
+from pixelbert.data.errors import DataError
 from pixelbert.data.skips import SkipCounter
 
 BOOKKEEPING = ("image_keys", "skips", "attempts")
@@ -81,7 +82,7 @@ class BatchPreparer:
         every rank: the last decoded micro-batch stands in, as a random other record stands in
         for an unreadable one on the PIL path. Keeping it costs one micro-batch of memory."""
         if self.last_decoded is None:
-            raise RuntimeError(f"no image of the first micro-batch could be decoded ({len(failed)} images, the "
+            raise DataError(f"no image of the first micro-batch could be decoded ({len(failed)} images, the "
                                f"first: {failed[0][1]}: {failed[0][2]}) and no earlier batch can stand in")
         return self.last_decoded
 

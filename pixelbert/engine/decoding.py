@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from pixelbert.config import ConfigError
+
 
 def build_decoder(data_cfg, device: torch.device, max_batch_size: int) -> tuple[Optional[object], str]:
     """(batch decoder or None for PIL in the workers, its name for the log).
@@ -21,7 +23,7 @@ def build_decoder(data_cfg, device: torch.device, max_batch_size: int) -> tuple[
     if choice == "pil":
         return None, "PIL (loader workers)"
     if not dali_available():
-        raise RuntimeError("data.decoder='dali' but NVIDIA DALI is not installed: pip install "
+        raise ConfigError("data.decoder='dali' but NVIDIA DALI is not installed: pip install "
                            "nvidia-dali-cuda130, or set data.decoder=pil")
     device_id = None
     if device.type == "cuda":

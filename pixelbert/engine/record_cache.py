@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from pixelbert.config import SourceConfig
+from pixelbert.config import ConfigError, SourceConfig
 from pixelbert.data.packed import PackedList
 from pixelbert.engine.distributed import DistInfo, on_main
 from pixelbert.fileio import write_atomic
@@ -170,7 +170,7 @@ def shared_records(place: Callable[[str], Path], settings: dict, sources: list[S
         found = (str(place(key)), key, False)
     folder, key, fresh = Path(found[0]), found[1], found[2]
     if not holds(folder, key):
-        raise RuntimeError(f"{folder}: the records the main rank saved are not there on rank {dist.rank}: "
+        raise ConfigError(f"{folder}: the records the main rank saved are not there on rank {dist.rank}: "
                            "train.output_dir (and data.records_cache, when set) must be on a file system "
                            "every rank sees")
     return PackedList.open(folder), json.loads((folder / META_FILE).read_text()), folder, fresh
