@@ -28,7 +28,7 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     configure_accelerator()
-    from pixelbert.data.errors import DataError
+    from pixelbert.data.errors import DataError, plain_message
     from pixelbert.data.skips import TooManyBadRecords
     from pixelbert.engine.trainer import train
     from pixelbert.engine.distributed import shutdown_distributed
@@ -37,14 +37,14 @@ def main(argv=None) -> int:
     except FileNotFoundError as e:  # a configured path that is not there: say which, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ConfigError as e:  # found only once the run's files are read (train.resume_strict)
+    except ConfigError as e:  # found once the run starts (train.resume_strict, DALI missing, ...)
         print(f"config error: {e}", file=sys.stderr)
         return 2
     except DataError as e:  # an annotation file not in its format, sources without records
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {plain_message(e)}", file=sys.stderr)
         return 2
     except TooManyBadRecords as e:  # the data, not the engine: its own exit code, no traceback
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {plain_message(e)}", file=sys.stderr)
         return 3
     finally:
         shutdown_distributed()

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from pixelbert.config import ConfigError, load_config
+from pixelbert.data.errors import plain_message
 from pixelbert.data.skips import SkipCounter, TooManyBadRecords, summary
 from pixelbert.data.tasks import AnswerVocabulary
 from pixelbert.data.tokenizer import run_tokenizer
@@ -106,7 +107,7 @@ def run(argv=None) -> int:
         report["eval_s"] = time.perf_counter() - start  # the evaluation itself: no start-up, no model loading
         report["decoder"] = decoder_name
     except TooManyBadRecords as e:  # the data, not the model: its own exit code, as in training
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {plain_message(e)}", file=sys.stderr)
         return 3
     skipped, attempts = skips.totals()
     if skipped and dist.is_main:

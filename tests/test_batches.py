@@ -125,7 +125,7 @@ def test_bad_images_are_counted_and_replaced(tmp_path, groups, tok, cfg):
         good = [g for g in mixed.groups if g.image == item["image_key"]][0]
         assert good in groups  # replaced by a readable image, with that image's own captions
     only_bad = PretrainDataset(broken, tok, cfg)
-    with pytest.raises(RuntimeError, match="bad images in a row"):
+    with pytest.raises(TooManyBadRecords, match="bad images in a row"):
         only_bad[(0, 0)]
 
 

@@ -4,6 +4,7 @@ Each run is a subprocess (`deepspeed` launcher or plain `python`) on the CPU wit
 user would start it.
 """
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -525,6 +526,25 @@ def test_bad_records_are_skipped_counted_and_logged(tmp_path, synthetic_dir):
     assert strict.returncode == 3
     assert "data.max_bad_fraction=0.001" in strict.stderr and "Examples:" in strict.stderr
     assert "Traceback" not in strict.stderr
+
+
+def test_a_data_set_of_unreadable_images_stops_with_the_reason(tmp_path, synthetic_dir):
+    """Every image unreadable: a loader worker meets 16 bad images in a row and stops the run
+    (exit 3, the data's code) with that line, not the worker's traceback."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        (images / f"{i}.jpg").write_bytes(b"")
+    annotations = tmp_path / "captions.json"
+    annotations.write_text(json.dumps({"images": [{"id": i, "file_name": f"{i}.jpg"} for i in range(3)],
+                                       "annotations": [{"id": i, "image_id": i, "caption": "a red circle"}
+                                                       for i in range(3)]}))
+    source = json.dumps([{"format": "coco_captions", "annotations": str(annotations), "images": str(images)}])
+    result = launch(tmp_path / "run", synthetic_dir, [f"data.train={source}", "data.num_workers=1",
+                                                      "train.max_steps=2", "train.warmup_steps=1", "data.decoder=pil"])
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert re.search(r"^error: 16 bad images in a row, the last: empty_file: .*\.jpg", result.stderr, re.M)
+    assert "Traceback" not in result.stderr
 
 
 def test_config_error_exits_cleanly(tmp_path, synthetic_dir):

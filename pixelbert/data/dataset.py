@@ -22,6 +22,7 @@ from .images import load_encoded, load_image, pad_images
 from .masking import IGNORE_INDEX, mask_tokens
 from .tokenizer import TextTokenizer
 from .packed import PackedList
+from .skips import TooManyBadRecords
 
 # A bad image is replaced by a random other one; this many bad draws in a row means the
 # data set itself is broken, which no amount of skipping fixes.
@@ -85,7 +86,7 @@ def read_first_good(read: Callable[[int], Any], index: int, rng: np.random.Gener
         except BadSample as bad:
             skips.append((bad.reason, str(bad)))
             index = int(rng.integers(size))
-    raise RuntimeError(f"{MAX_REPLACEMENTS} bad images in a row, the last: {skips[-1][1]}. "
+    raise TooManyBadRecords(f"{MAX_REPLACEMENTS} bad images in a row, the last: {skips[-1][1]}. "
                        "Check the data sources' image folders.")
 
 

@@ -28,3 +28,15 @@ class DataError(ValueError):
     record, a vocabulary that does not fit the text. The user's to fix, so the entry points
     print the message alone (exit 2), not a traceback; on several ranks the main rank's error
     reaches every rank (engine/distributed.py on_main)."""
+
+
+def plain_message(error: BaseException) -> str:
+    """`error`'s own message. An error raised in a DataLoader worker reaches the main process
+    as the same type around a message that holds the worker's traceback; the user needs the
+    last part only (the entry points print it: no traceback for the data's errors)."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    name = f"{type(error).__module__}.{type(error).__qualname__}: "
+    cut = text.rfind(name)
+    return text[cut + len(name):].strip() if cut >= 0 else text
