@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import signal
 import types
 import typing
 from dataclasses import dataclass, field
@@ -292,6 +293,9 @@ class TrainConfig:
     # _fused_sgd_/_fused_adamw_), "foreach" (multi-tensor ops), or "auto" (fused when every
     # parameter is on the GPU, else foreach). Same math either way (tested against torch.optim).
     optimizer_kernel: str = "auto"
+    # Signals that stop the run cleanly: the ranks finish the step in flight, save a checkpoint
+    # there and exit 0 (engine/preemption.py), for schedulers that warn before they kill. []: off.
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
     def validate(self) -> None:
         _positive(self, "max_steps", "log_every", "eval_batch_size")
@@ -320,6 +324,11 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_steps must be in [0, train.max_steps], got {self.warmup_steps}")
         if sorted(self.decay_milestones) != self.decay_milestones or any(m < 1 for m in self.decay_milestones):
             raise ConfigError(f"train.decay_milestones must be increasing positive steps, got {self.decay_milestones}")
+        catchable = [s.name for s in signal.Signals if s.name not in ("SIGKILL", "SIGSTOP")]
+        wrong = [name for name in self.stop_signals if name not in catchable]
+        if wrong:
+            raise ConfigError(f"train.stop_signals: {wrong} are not signals a process can catch here "
+                              "(e.g. SIGTERM, SIGUSR1, SIGUSR2)")
 
 
 @dataclass
@@ -501,9 +510,9 @@ class Config:
 # Settings a resumed run may change without changing what it computes from there on: where and
 # how often it logs, saves and validates, when this job stops, how its data is loaded.
 RUN_CONTROL_KEYS = frozenset({
-    "train.resume", "train.resume_strict", "train.output_dir", "train.stop_at_step", "train.log_every", "train.save_every",
-    "train.keep_checkpoints", "train.best_metric", "train.best_mode", "train.profile_steps",
-    "train.eval_every", "train.eval_records", "train.eval_batch_size", "data.num_workers",
+    "train.resume", "train.resume_strict", "train.stop_signals", "train.output_dir", "train.stop_at_step",
+    "train.log_every", "train.save_every", "train.keep_checkpoints", "train.best_metric", "train.best_mode",
+    "train.profile_steps", "train.eval_every", "train.eval_records", "train.eval_batch_size", "data.num_workers",
     "data.prefetch_factor", "data.records_cache", "data.tokenizer_cache"})
 
 

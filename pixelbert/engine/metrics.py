@@ -42,10 +42,13 @@ class MetricsWindow:
         self.totals += torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=self.device)
                                     for k in self.keys])
 
-    def any_nonfinite(self) -> bool:
-        """True on every rank when any rank saw a non-finite loss in this window (collective)."""
-        flag = self.totals[self.keys.index("nonfinite")].clone().reshape(1)
-        return bool(all_reduce_sum(flag).item() > 0)
+    def step_check(self, stop_requested: bool = False) -> tuple[bool, bool]:
+        """(whether any rank saw a non-finite loss in this window, whether any rank asked to
+        stop): the same on every rank, from one small collective."""
+        flags = torch.stack([self.totals[self.keys.index("nonfinite")],
+                             torch.tensor(float(stop_requested), dtype=torch.float64, device=self.device)])
+        nonfinite, stop = all_reduce_sum(flags).tolist()
+        return nonfinite > 0, stop > 0
 
     def summary(self) -> dict[str, float]:
         """Means over the window, across all ranks (a collective call: every rank must call it)."""

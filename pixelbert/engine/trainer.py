@@ -25,6 +25,7 @@ from pixelbert.engine.evaluator import evaluate, read_eval_records
 from pixelbert.engine.metrics import JsonlLog, MetricsWindow
 from pixelbert.engine.monitors import RunPosition, cut_back_monitors, monitor_events
 from pixelbert.engine.optim import build_optimizer, build_scheduler
+from pixelbert.engine.preemption import StopSignals
 from pixelbert.engine.profiling import StepProfiler
 from pixelbert.engine.weights import load_initial_weights
 from pixelbert.fileio import write_atomic
@@ -300,6 +301,7 @@ def train(cfg: Config) -> dict:
     stop_step = cfg.train.stop_at_step or cfg.train.max_steps
     profiler = StepProfiler(*cfg.train.profile_steps, output_dir, f"profile_rank{dist.rank}",
                             dist.device.type == "cuda") if cfg.train.profile_steps else None
+    stop_signals = StopSignals(cfg.train.stop_signals)
     engine.train()
     try:  # the loader workers end with the loop, also on an error
         for step in range(start_step + 1, stop_step + 1):
@@ -313,7 +315,8 @@ def train(cfg: Config) -> dict:
                 train_log.window.add(out, samples=len(batch["input_ids"]), images=stats["images"],
                                      padded_fraction=stats["padded_fraction"])
                 if micro == accum - 1:
-                    if train_log.window.any_nonfinite():
+                    nonfinite, signalled = train_log.window.step_check(stop_signals.received is not None)
+                    if nonfinite:
                         raise FloatingPointError(f"non-finite loss at step {step}; the optimiser did not step. "
                                                  "Lower the learning rates or check the data of this step.")
                     own_norm = plain_grad_norm(engine)
@@ -321,10 +324,10 @@ def train(cfg: Config) -> dict:
             train_log.step_done(own_norm if own_norm is not None else engine.get_global_grad_norm())
             if profiler:
                 profiler.after(step)
-            if step % cfg.train.log_every == 0 or step == stop_step:
+            if step % cfg.train.log_every == 0 or step == stop_step or signalled:
                 train_log.write(step, rates, batches, skips)
             validate = validation and (step % cfg.train.eval_every == 0 or step == stop_step)
-            save = (cfg.train.save_every and step % cfg.train.save_every == 0) or step == stop_step
+            save = (cfg.train.save_every and step % cfg.train.save_every == 0) or step == stop_step or signalled
             if validate or save:
                 broadcast_buffers(engine.module)
             new_best = False
@@ -338,7 +341,13 @@ def train(cfg: Config) -> dict:
                                         best={"metric": best.metric, "value": best.value} if new_best else None)
                 if new_best:
                     log(dist, f"best validation so far ({best.metric} {best.value:.4f}): {saved}")
+            if signalled:  # every rank agreed at this step's check (a scheduler's notice: no validation)
+                log(dist, f"{stop_signals.received or 'a stop signal (on another rank)'}: saved {saved} and stopped; "
+                          "go on with train.resume=true")
+                stop_step = step
+                break
     finally:
+        stop_signals.close()
         if profiler:
             profiler.close()
             if profiler.written:
