@@ -228,9 +228,11 @@ def test_a_resume_on_another_number_of_ranks_says_so(tmp_path, synthetic_dir):
     grown = launch(run, synthetic_dir, common + ["train.resume=true", "train.stop_at_step=3"], ranks=2, timeout=300)
     assert grown.returncode == 0, grown.stderr[-3000:]
     assert "ranks: 1 -> 2 (a step's pairs: 4 -> 8)" in grown.stdout + grown.stderr
-    shrunk = launch(run, synthetic_dir, common + ["train.resume=true"])
+    # Fewer ranks, more accumulation: the same pairs a step, but still named (the ranks' random streams differ).
+    shrunk = launch(run, synthetic_dir, common + ["train.resume=true", "deepspeed.gradient_accumulation_steps=2"])
     assert shrunk.returncode == 0, shrunk.stderr[-3000:]
-    assert "ranks: 2 -> 1 (a step's pairs: 8 -> 4)" in shrunk.stdout + shrunk.stderr
+    assert "deepspeed.gradient_accumulation_steps: 1 -> 2; ranks: 2 -> 1 (a step's pairs: 8 -> 8)" \
+        in shrunk.stdout + shrunk.stderr
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     # ZeRO's optimiser partitions fit the saving run's ranks only: DeepSpeed refuses, and the
     # run says what to do instead of dying in a traceback.

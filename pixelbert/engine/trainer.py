@@ -207,10 +207,11 @@ def resume(engine, cfg: Config, ckpt_dir: Path, dist: DistInfo) -> int:
     log(dist, f"resumed from {ckpt_dir} at step {client_state['step']}")
     changes = resume_changes(client_state.get("config"), cfg.to_dict())
     saved_ranks = client_state.get("world_size", dist.world_size)  # older checkpoints: not recorded
-    if saved_ranks != dist.world_size:  # the global batch, so the data stream, changes with it
-        per_rank = cfg.micro_batch_size * cfg.grad_accum_steps
-        changes.append(f"ranks: {saved_ranks} -> {dist.world_size} (a step's pairs: {saved_ranks * per_rank} -> "
-                       f"{dist.world_size * per_rank})")
+    if saved_ranks != dist.world_size:  # the global batch (so the data stream) and the ranks' random streams
+        saved_ds = (client_state.get("config") or {}).get("deepspeed", cfg.deepspeed)
+        saved_pairs = saved_ranks * saved_ds["train_micro_batch_size_per_gpu"] * saved_ds.get("gradient_accumulation_steps", 1)
+        changes.append(f"ranks: {saved_ranks} -> {dist.world_size} (a step's pairs: {saved_pairs} -> "
+                       f"{dist.world_size * cfg.micro_batch_size * cfg.grad_accum_steps})")
     if changes and cfg.train.resume_strict:
         raise ConfigError(f"train.resume_strict: the config differs from the checkpoint's in {ckpt_dir} in what "
                           "the run computes: " + "; ".join(changes))
