@@ -46,6 +46,9 @@ def main(argv=None) -> int:
     except TooManyBadRecords as e:  # the data, not the engine: its own exit code, no traceback
         print(f"error: {plain_message(e)}", file=sys.stderr)
         return 3
+    except FloatingPointError as e:  # the run diverged (a non-finite loss): its own exit code
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     finally:
         shutdown_distributed()
     return 0

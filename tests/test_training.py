@@ -549,6 +549,19 @@ def test_a_data_set_of_unreadable_images_stops_with_the_reason(tmp_path, synthet
     assert "Traceback" not in result.stderr
 
 
+def test_a_diverging_run_stops_before_the_bad_step(tmp_path, synthetic_dir):
+    """Absurd learning rates: the loss is non-finite at step 2; every rank stops there before
+    the optimiser steps on it, with exit code 4 and the reason, and step 1's metrics logged."""
+    run = tmp_path / "run"
+    result = launch(run, synthetic_dir, SMALL + [
+        "train.max_steps=20", "data.num_workers=0", "train.lr=1e30", "train.backbone_lr=1e30",
+        "train.backbone_optimizer=adamw", "deepspeed.gradient_clipping=0"])
+    assert result.returncode == 4, result.stderr[-3000:]
+    assert "error: non-finite loss at step 2; the optimiser did not step" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
 def test_config_error_exits_cleanly(tmp_path, synthetic_dir):
     result = launch(tmp_path / "run", synthetic_dir, ["model.hiden_size=8"])
     assert result.returncode == 2
