@@ -432,6 +432,13 @@ def test_missing_backbone_weights_name_the_path_and_the_tool(tmp_path, synthetic
     assert result.returncode == 2
     assert str(missing) in result.stderr and "pixelbert.tools.pretrain_backbone" in result.stderr
     assert "Traceback" not in result.stderr
+    # Weights of another shape (another backbone): a config error naming the tensor, exit 2.
+    other = tmp_path / "other-cnn.pth"
+    torch.save({"conv1.weight": torch.zeros(1, 3, 3, 3)}, other)
+    result = launch(tmp_path / "run", synthetic_dir, [f"model.backbone_weights={other}"])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"config error: {other}: shapes do not fit backbone 'tiny'" in result.stderr
+    assert "conv1.weight (1, 3, 3, 3)" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("task", ["pretrain", "vqa", "nlvr2", "retrieval"])

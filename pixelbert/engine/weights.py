@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from pixelbert.config import ConfigError
 from pixelbert.engine.checkpoint import LATEST
 from pixelbert.model.backbone import load_weights as load_backbone
 
@@ -60,8 +61,8 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | P
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
              if k in own and own[k].shape != v.shape]
     if wrong:
-        raise ValueError(f"{source}: tensors of the wrong shape for this model (checkpoint vs model): "
-                         f"{', '.join(wrong[:5])}")
+        raise ConfigError(f"{source}: tensors of the wrong shape for this model (checkpoint vs model): "
+                          f"{', '.join(wrong[:5])}")
     result = model.load_state_dict(state, strict=False)
     return WeightsReport(sorted(set(state) & set(own)), sorted(result.missing_keys),
                          sorted(result.unexpected_keys))

@@ -19,6 +19,8 @@ import torch.utils.checkpoint
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
+from pixelbert.config import ConfigError
+
 IntOrTensor = Union[int, torch.Tensor]
 
 EXPANSION = 4  # bottleneck output channels = planes * EXPANSION
@@ -260,13 +262,13 @@ def load_weights(model: Backbone, path: str | os.PathLike[str]) -> None:
         if k in own and tuple(v.shape) != tuple(own[k].shape)
     ]
     if mismatched:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: shapes do not fit backbone '{model.name}' (file vs model): "
             f"{_first(mismatched)}"
         )
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: not a '{model.name}' state dict in torchvision layout; "
             f"missing keys: [{_first(result.missing_keys)}]; "
             f"unexpected keys: [{_first(result.unexpected_keys)}]"

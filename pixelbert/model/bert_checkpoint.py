@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from pixelbert.config import ConfigError
+
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # Parameters of PixelBert that a BERT checkpoint can provide.
@@ -75,9 +77,9 @@ def load_into(model: torch.nn.Module, path: str | Path) -> LoadReport:
                 report.unused.append(key)
                 continue
             if target[key].shape != tensor.shape:
-                raise ValueError(f"BERT checkpoint {path}: {key} has shape {tuple(tensor.shape)}, the "
-                                 f"model expects {tuple(target[key].shape)} (check model.vocab_size, "
-                                 "hidden_size, max_position_embeddings, type_vocab_size)")
+                raise ConfigError(f"BERT checkpoint {path}: {key} has shape {tuple(tensor.shape)}, the "
+                                  f"model expects {tuple(target[key].shape)} (check model.vocab_size, "
+                                  "hidden_size, max_position_embeddings, type_vocab_size)")
             target[key].copy_(tensor)
             report.loaded.append(key)
     report.missing = sorted(k for k in target if k.startswith(TEXT_PREFIXES) and k not in report.loaded)
