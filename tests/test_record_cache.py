@@ -12,6 +12,7 @@ from pixelbert.config import ConfigError, load_config
 from pixelbert.data import synthetic
 from pixelbert.data.packed import PackedList
 from pixelbert.engine import data as engine_data
+from pixelbert.engine import record_cache
 from pixelbert.engine.distributed import DistInfo
 from tests.launch import clean_env
 
@@ -126,22 +127,30 @@ def test_a_records_cache_is_shared_by_runs(tmp_path, synthetic_set, monkeypatch)
     assert len(reads) == 2 and len(list(cache.iterdir())) == 2  # no temporary folder left either
 
 
+def runs_end() -> None:
+    """What the end of the runs started in this process does to their records: the locks go."""
+    for held in record_cache._HELD:
+        held.close()
+    record_cache._HELD.clear()
+
+
 def test_the_records_cache_tool_lists_and_prunes_by_last_use(tmp_path, synthetic_set, capsys):
     """A run that reuses an entry marks it used; --prune-days deletes only the entries no run
-    has used for that long (and a killed build's leftovers), and lists what is kept."""
+    has used for that long (and a killed build's leftovers), never one a live process holds,
+    and lists what is kept."""
     from pixelbert.tools import records_cache
     cache = tmp_path / "cache"
-    windows = {"kept": 4, "stale": 1}
-    for name, window in windows.items():
-        engine_data.build_pretrain_data(config(tmp_path / name, synthetic_set, f"data.records_cache={cache}",
+    for window in (4, 1):  # two runs, two entries
+        engine_data.build_pretrain_data(config(tmp_path / f"w{window}", synthetic_set, f"data.records_cache={cache}",
                                                f"data.aspect_grouping_window={window}"), MAIN)
+    runs_end()
     month_ago = time.time() - 30 * 86400
     for entry in records_cache.entries(cache):
         os.utime(entry.folder / "fingerprint", (month_ago, month_ago))
     leftover = cache / ".records.abc_1234.tmp"
     leftover.mkdir()
     os.utime(leftover, (month_ago, month_ago))
-    # A later run on the first entry's sources reuses it, which marks it used now.
+    # A later run on the first entry's sources reuses it: marked used now, and held while it lives.
     kept, _, _ = engine_data.build_pretrain_data(config(tmp_path / "again", synthetic_set,
                                                         f"data.records_cache={cache}", "data.aspect_grouping_window=4"), MAIN)
     assert [e.last_used > month_ago + 86400 for e in records_cache.entries(cache)] == [False, True]
@@ -152,6 +161,13 @@ def test_the_records_cache_tool_lists_and_prunes_by_last_use(tmp_path, synthetic
     (remaining,) = cache.iterdir()
     assert remaining.name.startswith("records-") and items(kept) == list(PackedList.open(remaining))
     assert records_cache.main([str(tmp_path / "nowhere")]) == 2
+    # Old but held by a live process (the run above): kept; once its run ends, it goes.
+    os.utime(remaining / "fingerprint", (month_ago, month_ago))
+    assert records_cache.main([str(cache), "--prune-days", "7"]) == 0
+    assert "kept (a running job holds it) records-" in capsys.readouterr().out and remaining.is_dir()
+    runs_end()
+    deleted, busy = records_cache.prune(cache, 7)
+    assert [e.folder for e in deleted] == [remaining] and busy == [] and not any(cache.iterdir())
 
 
 def test_publishing_replaces_outdated_records_and_keeps_a_racing_runs(tmp_path):

@@ -17,6 +17,7 @@ becomes several GB of Python objects in each of a machine's 8 ranks.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import IO, Callable, Iterable, Optional
 
 from pixelbert.config import ConfigError, SourceConfig
 from pixelbert.data.packed import PackedList
@@ -171,6 +172,41 @@ def shared_records(place: Callable[[str], Path], settings: dict, sources: list[S
     folder, key, fresh = Path(found[0]), found[1], found[2]
     if not holds(folder, key):
         raise ConfigError(f"{folder}: the records the main rank saved are not there on rank {dist.rank}: "
-                           "train.output_dir (and data.records_cache, when set) must be on a file system "
-                           "every rank sees")
+                          "train.output_dir (and data.records_cache, when set) must be on a file system "
+                          "every rank sees")
+    hold(folder)
+    if not holds(folder, key):  # pruned (tools/records_cache) between the check and the lock
+        raise ConfigError(f"{folder} was deleted by the records cache's pruning as this run started: start it again")
     return PackedList.open(folder), json.loads((folder / META_FILE).read_text()), folder, fresh
+
+
+_HELD: list = []  # the open files whose shared locks say "in use" until this process ends
+
+
+def hold(folder: Path) -> None:
+    """Mark `folder` in use for as long as this process lives: a shared lock on its fingerprint
+    file, which the records cache tool's pruning will not break (loader workers started later,
+    e.g. for a validation, may open the folder again by its path)."""
+    marker = open(folder / FINGERPRINT_FILE, "rb")  # noqa: SIM115 - held open until the process exits
+    try:
+        fcntl.flock(marker, fcntl.LOCK_SH)
+    except OSError:  # a file system without locks (e.g. Lustre without -o flock): pruning refuses there
+        marker.close()
+        return
+    _HELD.append(marker)
+
+
+def claim(folder: Path) -> Optional[IO]:
+    """`folder`'s fingerprint file, opened and locked exclusively (no run can start on the
+    folder until the caller closes it), or None when a live process holds the folder. OSError
+    where the file system has no locks: then nothing can tell an entry in use."""
+    marker = open(folder / FINGERPRINT_FILE, "rb")  # noqa: SIM115 - returned to the caller, who closes it
+    try:
+        fcntl.flock(marker, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        marker.close()
+        return None
+    except OSError:
+        marker.close()
+        raise
+    return marker

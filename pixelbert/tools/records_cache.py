@@ -4,9 +4,11 @@
     python -m pixelbert.tools.records_cache DIR --prune-days 30  # delete entries unused for 30 days
 
 A run marks the entry it reuses (engine/record_cache.py), so "last use" is the last run that
-started on it. An entry is renamed aside before it is deleted: a run that has it open keeps
-reading it, and one that starts later builds it again. Left-over temporary folders of killed
-builds older than a day are deleted too.
+started on it. Every process of a run holds a shared lock on its entry for as long as it lives
+(its loader workers may open the entry again by path, e.g. for a validation), and pruning never
+deletes an entry so held, however old. An entry is renamed aside before it is deleted; a run
+that starts later builds it again. Left-over temporary folders of killed builds older than a
+day are deleted too.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pixelbert.data.packed import PackedList
-from pixelbert.engine.record_cache import FINGERPRINT_FILE, META_FILE, last_used, move_aside, sweep_leftovers
+from pixelbert.engine.record_cache import FINGERPRINT_FILE, META_FILE, claim, last_used, move_aside, sweep_leftovers
 
 DAY_S = 24 * 3600
 
@@ -43,15 +45,24 @@ def entries(cache: Path) -> list[Entry]:
     return sorted(found, key=lambda entry: entry.last_used)
 
 
-def prune(cache: Path, unused_days: float, now: float | None = None) -> list[Entry]:
-    """Delete the entries last used more than `unused_days` ago (and stale build leftovers);
-    the entries deleted."""
+def prune(cache: Path, unused_days: float, now: float | None = None) -> tuple[list[Entry], list[Entry]]:
+    """Delete the entries last used more than `unused_days` ago, except those a live run holds
+    (and stale build leftovers); (the entries deleted, the old ones kept because in use)."""
     now = time.time() if now is None else now
-    pruned = [entry for entry in entries(cache) if now - entry.last_used > unused_days * DAY_S]
-    for entry in pruned:
-        shutil.rmtree(move_aside(entry.folder), ignore_errors=True)
+    pruned, busy = [], []
+    for entry in entries(cache):
+        if now - entry.last_used <= unused_days * DAY_S:
+            continue
+        claimed = claim(entry.folder)
+        if claimed is None:
+            busy.append(entry)
+            continue
+        with claimed:  # no run starts on it while it moves aside
+            aside = move_aside(entry.folder)
+        shutil.rmtree(aside, ignore_errors=True)
+        pruned.append(entry)
     sweep_leftovers(cache)
-    return pruned
+    return pruned, busy
 
 
 def describe(entry: Entry, now: float) -> str:
@@ -74,9 +85,16 @@ def main(argv=None) -> int:
         return 2
     now = time.time()
     if args.prune_days is not None:
-        pruned = prune(cache, args.prune_days, now)
+        try:
+            pruned, busy = prune(cache, args.prune_days, now)
+        except OSError as e:
+            print(f"error: cannot lock the entries of {cache} ({e}): pruning could not tell which a running job "
+                  "uses; delete unused entries by hand", file=sys.stderr)
+            return 2
         for entry in pruned:
             print(f"deleted {describe(entry, now)}")
+        for entry in busy:
+            print(f"kept (a running job holds it) {describe(entry, now)}")
         print(f"{len(pruned)} entries deleted ({sum(e.bytes for e in pruned) / 2**20:,.1f} MB)")
     kept = entries(cache)
     for entry in kept:
