@@ -408,6 +408,9 @@ class Config:
                 if source.format not in TASK_FORMATS[self.train.task]:
                     raise ConfigError(f"data sources of train.task={self.train.task!r} must be "
                                       f"{TASK_FORMATS[self.train.task]}, got {source.format!r}")
+        if self.data.max_text_len > self.model.max_position_embeddings:
+            raise ConfigError(f"data.max_text_len ({self.data.max_text_len}) exceeds model.max_position_embeddings "
+                              f"({self.model.max_position_embeddings}): every text position needs an embedding")
         ds = self.deepspeed
         for key in ("train_micro_batch_size_per_gpu",):
             if not isinstance(ds.get(key), int) or ds[key] < 1:

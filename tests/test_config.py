@@ -165,3 +165,9 @@ def test_tokenizer_casing_must_match_data_lowercase(tmp_path):
     small.mkdir()
     (small / "vocab.txt").write_text("\n".join(specials + ["a", "b"]) + "\n")  # too few words to judge
     assert load_config("configs/tiny.json", [f"data.tokenizer={small}", "data.lowercase=false"]).data.lowercase is False
+
+
+def test_text_longer_than_the_position_table_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"data.max_text_len \(65\) exceeds model.max_position_embeddings \(64\)"):
+        load_config("configs/tiny.json", ["data.max_text_len=65"])
+    load_config("configs/tiny.json", ["data.max_text_len=64"])

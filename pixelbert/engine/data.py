@@ -205,9 +205,6 @@ def build_pretrain_data(cfg: Config, dist: DistInfo, *, encoded_images: bool = F
     settings = {"task": "pretrain", "sizes": cfg.data.aspect_grouping_window > 1}
     groups, meta = run_records(cfg, "records", sources, settings, read_groups, dist)
     tokenizer = run_vocabulary(cfg, (text for group in groups for text in group.texts), dist)
-    if cfg.data.max_text_len > cfg.model.max_position_embeddings:
-        raise DataError(f"data.max_text_len ({cfg.data.max_text_len}) exceeds "
-                        f"model.max_position_embeddings ({cfg.model.max_position_embeddings})")
     sampling = PretrainSources(np.asarray(meta["source_ids"], dtype=np.int64), np.asarray(meta["aspect_ratios"]),
                                [s.weight for s in cfg.data.train] or [1.0], meta["captions"],
                                [tuple(skip) for skip in meta["empty_text_skips"]])

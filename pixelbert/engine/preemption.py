@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 from typing import Optional
 
+
 class StopSignals:
     """While open, the named signals only record that they came (`received`: the last one's
     name); `close` puts the previous handlers back."""
