@@ -5,6 +5,10 @@ DeepSpeed writes a tag folder `step_N/`; each rank adds `rng_rank{R}.pt`; only w
 finished does rank 0 point `latest` at the tag, by an atomic rename. A run killed mid-save
 therefore resumes from the previous complete checkpoint, never from a partial one. Only after
 that are checkpoints beyond `keep` (train.keep_checkpoints) deleted, oldest first.
+
+A ZeRO-1/2 checkpoint resumed on another number of ranks is first converted, by the main rank
+and once, to DeepSpeed's universal layout (`engine/universal.py`), which the engine then loads
+with `checkpoint.load_universal` set in its DeepSpeed config (`needs_universal`).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import numpy as np
 import torch
 
 from pixelbert.config import ConfigError
+from pixelbert.engine import universal
 from pixelbert.engine.distributed import DistInfo, barrier, on_main
 from pixelbert.fileio import torch_save_atomic, write_atomic
 
@@ -85,21 +90,45 @@ def latest_tag(directory: str | Path) -> Optional[str]:
     return path.read_text().strip() if path.exists() else None
 
 
+def saved_ranks(directory: str | Path) -> Optional[int]:
+    """How many ranks wrote the latest checkpoint (each writes one RNG file); None without one."""
+    tag = latest_tag(directory)
+    return None if tag is None else len(list((Path(directory) / tag).glob("rng_rank*.pt")))
+
+
+def needs_universal(directory: str | Path, world_size: int, zero_stage: int) -> bool:
+    """Whether resuming from `directory` on `world_size` ranks must load DeepSpeed's universal
+    layout: ZeRO-1/2 optimiser partitions written by another number of ranks."""
+    ranks = saved_ranks(directory)
+    return zero_stage in (1, 2) and ranks is not None and ranks != world_size
+
+
 def load(engine, directory: str | Path, dist: DistInfo) -> Optional[dict]:
     """Restore the latest checkpoint into `engine` and this rank's RNG (a rank the saving run
-    did not have keeps its own); its client state, None when there is none."""
+    did not have keeps its own); its client state, None when there is none. An engine built
+    with `checkpoint.load_universal` (see needs_universal) loads the universal layout, which
+    the main rank writes first if it is not there yet."""
     tag = latest_tag(directory)
     if tag is None:
         return None
     from deepspeed.runtime.zero.utils import ZeRORuntimeException
+    tag_dir = Path(directory) / tag
+    if engine.load_universal_checkpoint():
+        on_main(dist, lambda: universal.convert(tag_dir))  # its error, if any, stops every rank
     try:
         path, client_state = engine.load_checkpoint(str(directory), tag=tag)
-    except ZeRORuntimeException as error:  # ZeRO's optimiser partitions fit the saving run's ranks only
-        raise ConfigError(f"{directory}/{tag}: {error} Resume on the number of ranks that saved it, or start a "
-                          f"new run from its weights (task.init_from={directory}/{tag}: the optimiser state "
-                          "starts afresh)") from None
+    except ZeRORuntimeException as error:  # ZeRO-3's partitions fit the saving run's ranks only
+        raise ConfigError(f"{tag_dir}: {error} ZeRO-1/2 checkpoints resume on any number of ranks, ZeRO-3's "
+                          "only on the number that saved them (DeepSpeed's universal loader for ZeRO-3 knows "
+                          "AdamW alone, not the CNN's SGD). Resume on that many ranks, or start a new run from "
+                          f"its weights (task.init_from={tag_dir}: the optimiser state starts afresh)") from None
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {directory}/{tag}")
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    if engine.load_universal_checkpoint():
+        # The universal load restores the optimised parameters only; buffers (BatchNorm's
+        # statistics) and frozen weights come from the model file, as in a plain load.
+        model_file = tag_dir / "mp_rank_00_model_states.pt"
+        engine.module.load_state_dict(torch.load(model_file, map_location="cpu", weights_only=False)["module"])
     rng_file = Path(directory) / tag / f"rng_rank{dist.rank}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))

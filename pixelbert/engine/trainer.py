@@ -168,9 +168,10 @@ class Validation:
         return report
 
 
-def build_engine(cfg: Config, dist: DistInfo, data) -> tuple:
+def build_engine(cfg: Config, dist: DistInfo, data, load_universal: bool = False) -> tuple:
     """The task's model with its initial weights, its optimiser and schedule, wrapped by
-    DeepSpeed: (engine, optimizer, the training float dtype)."""
+    DeepSpeed: (engine, optimizer, the training float dtype). `load_universal`: the engine
+    will resume from DeepSpeed's universal checkpoint layout (checkpoint.needs_universal)."""
     import deepspeed  # after init_distributed chose the accelerator
     ops.set_default_backend(cfg.model.kernels)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank, whatever ran before
@@ -190,8 +191,11 @@ def build_engine(cfg: Config, dist: DistInfo, data) -> tuple:
     # DeepSpeed casts parameters only; BatchNorm statistics and other buffers must follow.
     model.to(float_dtype)
     seed_everything(cfg.train.seed + 1 + dist.rank)  # dropout differs per rank; data order does not
+    ds_config = deepspeed_config(cfg)
+    if load_universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg))
+                                           config=ds_config)
     return engine, optimizer, float_dtype
 
 
@@ -291,7 +295,9 @@ def train(cfg: Config) -> dict:
     skips = SkipCounter()
     if dist.is_main and data.startup_skips:  # every rank read them; count them once
         skips.add(data.startup_skips, attempts=data.startup_attempts)
-    engine, optimizer, float_dtype = build_engine(cfg, dist, data)
+    zero_stage = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
+    load_universal = cfg.train.resume and checkpoint.needs_universal(ckpt_dir, dist.world_size, zero_stage)
+    engine, optimizer, float_dtype = build_engine(cfg, dist, data, load_universal)
     start_step = resume(engine, cfg, ckpt_dir, dist)
     train_log = TrainLog(cfg, engine, dist, output_dir, start_step)
     validation = Validation(cfg, data, dist, float_dtype, start_step) if cfg.train.eval_every else None
