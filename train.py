@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     configure_accelerator()
     from pixelbert.data.errors import DataError, plain_message
     from pixelbert.data.skips import TooManyBadRecords
+    from pixelbert.engine.preemption import StoppedBySignal
     from pixelbert.engine.trainer import train
     from pixelbert.engine.distributed import shutdown_distributed
     try:
@@ -49,6 +50,8 @@ def main(argv=None) -> int:
     except FloatingPointError as e:  # the run diverged (a non-finite loss): its own exit code
         print(f"error: {e}", file=sys.stderr)
         return 4
+    except StoppedBySignal:  # checkpoint saved, said in the log: not finished, so not 0
+        return cfg.train.signal_exit_code
     finally:
         shutdown_distributed()
     return 0

@@ -41,6 +41,9 @@ DECODERS = ("auto", "dali", "pil")
 LR_SCHEDULES = ("linear", "step", "constant")
 TASKS = ("pretrain", "vqa", "nlvr2", "retrieval")
 OPTIMIZER_KERNELS = ("auto", "fused", "foreach")
+# train.py's exit codes besides 0 and train.signal_exit_code: an uncaught error, a config or
+# data-format error, too many unreadable records, divergence.
+RESERVED_EXIT_CODES = (1, 2, 3, 4)
 # A vocabulary without tokenizer_config.json is judged cased when more than CASED_SHARE of its
 # words hold a capital and uncased under UNCASED_SHARE; with fewer
 # than CASING_MIN_WORDS words it is not judged.
@@ -294,8 +297,12 @@ class TrainConfig:
     # parameter is on the GPU, else foreach). Same math either way (tested against torch.optim).
     optimizer_kernel: str = "auto"
     # Signals that stop the run cleanly: the ranks finish the step in flight, save a checkpoint
-    # there and exit 0 (engine/preemption.py), for schedulers that warn before they kill. []: off.
+    # there and exit with signal_exit_code (engine/preemption.py), for schedulers that warn
+    # before they kill. []: off. The code is not 0, so that a job system never takes a stopped
+    # run for a finished one (a Kubernetes Job would count it complete): 75 is EX_TEMPFAIL of
+    # sysexits.h, "try again later"; 0 restores the plain exit.
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    signal_exit_code: int = 75
 
     def validate(self) -> None:
         _positive(self, "max_steps", "log_every", "eval_batch_size")
@@ -329,6 +336,9 @@ class TrainConfig:
         if wrong:
             raise ConfigError(f"train.stop_signals: {wrong} are not signals a process can catch here "
                               "(e.g. SIGTERM, SIGUSR1, SIGUSR2)")
+        if not 0 <= self.signal_exit_code <= 255 or self.signal_exit_code in RESERVED_EXIT_CODES:
+            raise ConfigError(f"train.signal_exit_code must be in [0, 255] and not one of train.py's own codes "
+                              f"{sorted(RESERVED_EXIT_CODES)}, got {self.signal_exit_code}")
 
 
 @dataclass
@@ -513,7 +523,7 @@ class Config:
 # Settings a resumed run may change without changing what it computes from there on: where and
 # how often it logs, saves and validates, when this job stops, how its data is loaded.
 RUN_CONTROL_KEYS = frozenset({
-    "train.resume", "train.resume_strict", "train.stop_signals", "train.output_dir", "train.stop_at_step",
+    "train.resume", "train.resume_strict", "train.stop_signals", "train.signal_exit_code", "train.output_dir", "train.stop_at_step",
     "train.log_every", "train.save_every", "train.keep_checkpoints", "train.best_metric", "train.best_mode",
     "train.profile_steps", "train.eval_every", "train.eval_records", "train.eval_batch_size", "data.num_workers",
     "data.prefetch_factor", "data.records_cache", "data.tokenizer_cache"})

@@ -1,5 +1,6 @@
 """Stopping on a scheduler's signal (engine/preemption.py): the ranks agree at the end of the
-step in flight, save a checkpoint there, exit 0, and a resume goes on from that step."""
+step in flight, save a checkpoint there, exit with train.signal_exit_code (not 0: the run is not
+finished), and a resume goes on from that step."""
 from __future__ import annotations
 
 import json
@@ -50,18 +51,27 @@ def rank_processes(launcher_pid: int) -> list[psutil.Process]:
             if "train.py" in p.cmdline() and "deepspeed.launcher.launch" in " ".join(p.parent().cmdline())]
 
 
+@pytest.mark.parametrize("code", [-1, 256, 2, 4])
+def test_a_signal_exit_code_must_be_a_code_of_its_own(code):
+    with pytest.raises(ConfigError, match="train.signal_exit_code"):
+        load_config("configs/tiny.json", [f"train.signal_exit_code={code}"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_a_stop_signal_saves_the_step_in_flight_and_the_run_resumes_from_it(tmp_path, ranks):
-    """One rank: SIGTERM, as a scheduler or the DeepSpeed launcher sends it. Two ranks: SIGUSR1
+    """One rank: SIGTERM to the process group, as SLURM sends it and the DeepSpeed launcher
+    passes it on (to its whole process tree): the loader worker ignores it, where it used to die
+    and take the run down before the save. Two ranks: SIGUSR1
     to rank 1 alone (SLURM's --signal=USR1@T reaches each task in its own time): rank 0 learns
-    it at the same step's check, so both save that step and stop."""
+    it at the same step's check, so both save that step and stop. The exit code: the default
+    (75) through the launcher, a chosen one (76) on one rank."""
     synth, run = tmp_path / "synthetic", tmp_path / "run"
     common = SMALL + ["train.max_steps=3000", "train.save_every=0", "data.num_workers=1",
                       "deepspeed.train_micro_batch_size_per_gpu=4", "model.backbone_weights=null",
                       f"data.synthetic_dir={synth}", "data.synthetic_images=96", f"train.output_dir={run}",
                       f"data.tokenizer_cache={tmp_path / 'tokenizers'}", "train.eval_every=0"]
-    args = ["train.py", "--config", "configs/tiny.json", *common]
+    args = ["train.py", "--config", "configs/tiny.json", *common] + (["train.signal_exit_code=76"] if ranks == 1 else [])
     cmd = [sys.executable, *args] if ranks == 1 else \
         ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), *args]
     with open(tmp_path / "out.log", "w") as out:
@@ -72,12 +82,13 @@ def test_a_stop_signal_saves_the_step_in_flight_and_the_run_resumes_from_it(tmp_
             while len(steps_logged(run)) < 3:
                 assert child.poll() is None and time.monotonic() < deadline, (tmp_path / "out.log").read_text()[-3000:]
                 time.sleep(0.2)
-            if ranks == 1:
-                child.send_signal(signal.SIGTERM)
+            if ranks == 1:  # to every process of the run, loader workers included, as SLURM sends it
+                os.killpg(child.pid, signal.SIGTERM)
             else:
                 (rank_1,) = [p for p in rank_processes(child.pid) if "--local_rank=1" in p.cmdline()]
                 rank_1.send_signal(signal.SIGUSR1)
-            assert child.wait(timeout=120) == 0
+            # Not 0: a stopped run is not a finished one (the DeepSpeed launcher passes a rank's code on).
+            assert child.wait(timeout=120) == (76 if ranks == 1 else 75)
         finally:
             if child.poll() is None:
                 os.killpg(child.pid, signal.SIGKILL)

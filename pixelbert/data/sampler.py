@@ -13,7 +13,7 @@ slots, and resuming at step k replays exactly the tail of the stream.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -136,22 +136,25 @@ class StepBatchSampler:
 
 
 def build_pretrain_loader(dataset: PretrainDataset, sampler: StepBatchSampler, data_cfg,
-                          collate_fn: Callable[..., dict] = collate) -> DataLoader:
+                          collate_fn: Callable[..., dict] = collate,
+                          worker_init_fn: Optional[Callable[[int], None]] = None) -> DataLoader:
     """The pre-training DataLoader: `collate_fn(items, pad_id, pad_multiple,
     itm_negative_probability)` with the tokenizer's and the data section's values bound."""
     return build_loader(dataset, sampler, data_cfg, partial(
         collate_fn, pad_id=dataset.tokenizer.pad_id, pad_multiple=data_cfg.pad_multiple,
-        itm_negative_probability=data_cfg.itm_negative_probability))
+        itm_negative_probability=data_cfg.itm_negative_probability), worker_init_fn)
 
 
-def build_loader(dataset, sampler: StepBatchSampler, data_cfg, collate_fn: Callable[[list], dict]) -> DataLoader:
+def build_loader(dataset, sampler: StepBatchSampler, data_cfg, collate_fn: Callable[[list], dict],
+                 worker_init_fn: Optional[Callable[[int], None]] = None) -> DataLoader:
     """DataLoader driven by `sampler`, with the worker settings of the data section.
 
-    `collate_fn` must pickle into worker processes: a module-level function or a partial of one.
+    `collate_fn` (and `worker_init_fn`) must pickle into worker processes: a module-level
+    function or a partial of one.
     """
     workers = data_cfg.num_workers
     return DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate_fn,
+        dataset, batch_sampler=sampler, collate_fn=collate_fn, worker_init_fn=worker_init_fn,
         num_workers=workers, prefetch_factor=data_cfg.prefetch_factor if workers > 0 else None,
         persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
         # Its own generator: starting an iterator then draws no number from the global RNG,

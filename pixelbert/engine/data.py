@@ -21,6 +21,7 @@ from pixelbert.data.formats import Record
 from pixelbert.data.packed import PackedList
 from pixelbert.data.images import upright_size
 from pixelbert.data.sampler import StepBatchSampler, build_loader, build_pretrain_loader
+from pixelbert.engine.preemption import loader_worker_init
 from pixelbert.data.synthetic import ensure_synthetic
 from pixelbert.data.tasks import AnswerVocabulary, TaskDataset, collate_task
 from pixelbert.data.tokenizer import RUN_FOLDER_FILES, VOCAB_FILE, TextTokenizer, build_tokenizer, run_tokenizer
@@ -255,7 +256,7 @@ def build_train_loader(dataset: PretrainDataset, sources: PretrainSources, cfg: 
         dist.world_size, dist.rank, cfg.train.seed, start_step=start_step,
         source_ids=sources.source_ids, source_weights=sources.weights,
         aspect_ratios=sources.aspect_ratios, aspect_window=cfg.data.aspect_grouping_window)
-    return build_pretrain_loader(dataset, sampler, cfg.data, collate)
+    return build_pretrain_loader(dataset, sampler, cfg.data, collate, loader_worker_init(cfg.train.stop_signals))
 
 
 # ---- fine-tuning data --------------------------------------------------------------------------
@@ -370,7 +371,8 @@ def build_training_data(cfg: Config, dist: DistInfo) -> TrainingData:
         sampler = StepBatchSampler(len(dataset), cfg.micro_batch_size, cfg.grad_accum_steps,
                                    dist.world_size, dist.rank, cfg.train.seed, start_step=start_step)
         return build_loader(dataset, sampler, cfg.data, partial(
-            collate_task, pad_id=tokenizer.pad_id, pad_multiple=cfg.data.pad_multiple))
+            collate_task, pad_id=tokenizer.pad_id, pad_multiple=cfg.data.pad_multiple),
+            loader_worker_init(cfg.train.stop_signals))
     what = f", {len(answers.answers)} answers" if answers else ""
     return TrainingData(f"{cfg.train.task}: {len(records)} training records{what}, vocabulary of "
                         f"{tokenizer.vocab_size} tokens, images decoded by {decoder_name}",

@@ -37,6 +37,7 @@ from pixelbert.engine.data import named_sources, read_split, run_records, split_
 from pixelbert.engine.distributed import DistInfo, gather_objects, on_main
 from pixelbert.engine.eval_setup import EvalSetup, check_readable
 from pixelbert.engine.metrics import MetricsWindow, window_means
+from pixelbert.engine.preemption import loader_worker_init
 from pixelbert.engine.retrieval_eval import evaluate_retrieval
 from pixelbert.fileio import write_atomic
 
@@ -126,6 +127,7 @@ def task_outputs(dataset: TaskDataset, setup: EvalSetup, skips: SkipCounter, for
                for start in range(0, len(dataset), size)]
     loader = DataLoader(dataset, batch_sampler=[batches[b] for b in setup.my_share(len(batches))],
                         num_workers=data.num_workers, pin_memory=torch.cuda.is_available(),
+                        worker_init_fn=loader_worker_init(setup.cfg.train.stop_signals),
                         collate_fn=partial(collate_readable, pad_id=setup.tokenizer.pad_id,
                                            pad_multiple=data.pad_multiple))
     made = 0

@@ -24,6 +24,7 @@ from pixelbert.data.skips import SkipCounter
 from pixelbert.engine.data import with_text
 from pixelbert.engine.distributed import DistInfo, all_reduce_sum
 from pixelbert.engine.eval_setup import EvalSetup, check_readable
+from pixelbert.engine.preemption import loader_worker_init
 
 
 def evaluate_retrieval(model, setup: EvalSetup, records: list[Record], skips: SkipCounter) -> dict:
@@ -81,7 +82,8 @@ class ImageReader:
         data, setup = self.setup.cfg.data, self.setup
         share = setup.my_share(len(self.paths))
         loader = DataLoader(EvalImages(self.paths, data, encoded=setup.decoder is not None), batch_size=None,
-                            sampler=list(share), num_workers=data.num_workers, pin_memory=torch.cuda.is_available())
+                            sampler=list(share), num_workers=data.num_workers, pin_memory=torch.cuda.is_available(),
+                            worker_init_fn=loader_worker_init(setup.cfg.train.stop_signals))
         made = 0
         pending: list[tuple[int, object]] = []  # (index, file bytes or None: unreadable) for the next decoder call
         for index, *image in loader:

@@ -25,7 +25,7 @@ from pixelbert.engine.evaluator import evaluate, read_eval_records
 from pixelbert.engine.metrics import JsonlLog, MetricsWindow
 from pixelbert.engine.monitors import RunPosition, cut_back_monitors, monitor_events
 from pixelbert.engine.optim import build_optimizer, build_scheduler
-from pixelbert.engine.preemption import StopSignals
+from pixelbert.engine.preemption import StopSignals, StoppedBySignal
 from pixelbert.engine.profiling import StepProfiler
 from pixelbert.engine.weights import load_initial_weights
 from pixelbert.fileio import write_atomic
@@ -282,7 +282,7 @@ class TrainLog:
 
 def train(cfg: Config) -> dict:
     """Run pre-training or fine-tuning (train.task) as configured; returns the last logged
-    metrics (on every rank)."""
+    metrics (on every rank). A stop signal ends it with StoppedBySignal, after its checkpoint."""
     dist = init_distributed()
     output_dir = Path(cfg.train.output_dir)
     ckpt_dir = output_dir / "checkpoints"
@@ -308,7 +308,7 @@ def train(cfg: Config) -> dict:
     stop_step = cfg.train.stop_at_step or cfg.train.max_steps
     profiler = StepProfiler(*cfg.train.profile_steps, output_dir, f"profile_rank{dist.rank}",
                             dist.device.type == "cuda") if cfg.train.profile_steps else None
-    stop_signals = StopSignals(cfg.train.stop_signals)
+    stop_signals, stopped_by = StopSignals(cfg.train.stop_signals), None
     engine.train()
     try:  # the loader workers end with the loop, also on an error
         for step in range(start_step + 1, stop_step + 1):
@@ -349,8 +349,9 @@ def train(cfg: Config) -> dict:
                 if new_best:
                     log(dist, f"best validation so far ({best.metric} {best.value:.4f}): {saved}")
             if signalled:  # every rank agreed at this step's check (a scheduler's notice: no validation)
-                log(dist, f"{stop_signals.received or 'a stop signal (on another rank)'}: saved {saved} and stopped; "
-                          "go on with train.resume=true")
+                stopped_by = (f"{stop_signals.received or 'a stop signal (on another rank)'}: saved {saved} and "
+                              "stopped; go on with train.resume=true")
+                log(dist, stopped_by)
                 stop_step = step
                 break
     finally:
@@ -368,4 +369,6 @@ def train(cfg: Config) -> dict:
     (output_dir / f"state_bytes_rank{dist.rank}.json").write_text(json.dumps(state_bytes(engine), indent=2))
     log(dist, f"stopped at step {stop_step}; metrics in {output_dir / 'metrics.jsonl'}, "
               f"checkpoints in {ckpt_dir}")
+    if stopped_by:
+        raise StoppedBySignal(stopped_by)
     return train_log.last
