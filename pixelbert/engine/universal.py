@@ -28,7 +28,7 @@ SLICED = ("base_optimizer_state", "single_partition_of_fp32_groups", "param_slic
 
 
 def shard_files(tag_dir: Path) -> list[Path]:
-    """The ZeRO-1/2 optimiser files of a checkpoint, in rank order (empty for other stages)."""
+    """The per-rank ZeRO optimiser files of a checkpoint, in rank order (the caller knows the stage)."""
     ranked = {}
     for path in tag_dir.iterdir():
         match = SHARD_FILE.match(path.name)
@@ -53,29 +53,54 @@ def convert(tag_dir: str | Path) -> Path:
         raise ValueError(f"{tag_dir} holds no ZeRO-1/2 optimiser files to convert")
     model_states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     shapes = {name: shape for group in model_states["param_shapes"] for name, shape in group.items()}
+    for left in tag_dir.glob(f".{UNIVERSAL_DIR}-*"):  # what a killed conversion left
+        if not pid_alive(left.name.rsplit("-", 1)[1]):
+            shutil.rmtree(left, ignore_errors=True)
     building = tag_dir / f".{UNIVERSAL_DIR}-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
+    try:
+        write_universal(building, shards, shapes)
+        building.rename(target)
+    except BaseException as error:
+        shutil.rmtree(building, ignore_errors=True)
+        if (target / "optimizer_state.pt").exists():  # another process finished first: keep its folder
+            return target
+        if isinstance(error, ValueError):
+            raise ValueError(f"{tag_dir}: {error}") from None
+        raise
+    return target
+
+
+def write_universal(folder: Path, shards: list[dict], shapes: dict[str, torch.Size]) -> None:
+    """One folder per parameter with each of its states whole (`{"param": tensor}`, the step as
+    saved, as DeepSpeed's converter writes them), and optimizer_state.pt."""
     for group_id in range(len(shards[0]["param_slice_mappings"])):
         for name, states in group_states(shards, group_id).items():
-            folder = building / name
-            folder.mkdir(parents=True)
+            (folder / name).mkdir(parents=True)
             for key, value in states.items():
                 if key != "step":
                     if value.numel() != shapes[name].numel():
-                        raise ValueError(f"{tag_dir}: the ranks' fragments of {name} ({key}) hold {value.numel()} "
-                                         f"elements, its shape {tuple(shapes[name])} {shapes[name].numel()}")
-                    value = {"param": value.reshape(shapes[name])}  # DeepSpeed's universal file format
-                torch.save(value, folder / f"{key}.pt")  # the step as saved, like DeepSpeed's converter
+                        raise ValueError(f"the ranks' fragments of {name} ({key}) hold {value.numel()} elements, "
+                                         f"its shape {tuple(shapes[name])} {shapes[name].numel()}")
+                    value = {"param": value.reshape(shapes[name])}
+                torch.save(value, folder / name / f"{key}.pt")
     settings = {key: value for key, value in shards[0].items() if key not in SLICED}
     settings["param_groups"] = shards[0]["base_optimizer_state"]["param_groups"]
-    torch.save(settings, building / "optimizer_state.pt")
+    torch.save(settings, folder / "optimizer_state.pt")
+
+
+def pid_alive(pid: str) -> bool:
+    """Whether a process of this id runs on this machine (the main rank converts, so a live
+    conversion's folder carries a local pid)."""
+    if not pid.isdigit():
+        return False
     try:
-        building.rename(target)
-    except OSError:  # another process finished first: keep its folder
-        shutil.rmtree(building, ignore_errors=True)
-        if not (target / "optimizer_state.pt").exists():
-            raise
-    return target
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def group_states(shards: list[dict], group_id: int) -> dict[str, dict]:
