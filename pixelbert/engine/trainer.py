@@ -297,6 +297,10 @@ def train(cfg: Config) -> dict:
         skips.add(data.startup_skips, attempts=data.startup_attempts)
     zero_stage = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
     load_universal = cfg.train.resume and checkpoint.needs_universal(ckpt_dir, dist.world_size, zero_stage)
+    if load_universal:
+        log(dist, f"the latest checkpoint holds ZeRO-{zero_stage} partitions of {checkpoint.saved_ranks(ckpt_dir)} "
+                  f"ranks: resuming on {dist.world_size} through DeepSpeed's universal layout (written once, "
+                  "into the checkpoint's zero/ folder)")
     engine, optimizer, float_dtype = build_engine(cfg, dist, data, load_universal)
     start_step = resume(engine, cfg, ckpt_dir, dist)
     train_log = TrainLog(cfg, engine, dist, output_dir, start_step)
