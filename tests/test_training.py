@@ -240,7 +240,7 @@ def test_a_resume_on_another_number_of_ranks_says_so(tmp_path, synthetic_dir):
     run_train(tmp_path / "zero", synthetic_dir, zero + ["train.stop_at_step=1"])
     refused = launch(tmp_path / "zero", synthetic_dir, zero + ["train.resume=true"], ranks=2, timeout=300)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
-    assert "config error:" in refused.stderr and "DP world size of 1" in refused.stderr
+    assert "config error:" in refused.stderr and "written by 1 ranks, resumed on 2" in refused.stderr
     assert f"task.init_from={tmp_path / 'zero' / 'checkpoints'}/step_1" in refused.stderr
 
 
@@ -371,17 +371,19 @@ def test_tiny_training_lowers_mlm_and_itm_loss(tmp_path):
     engine runs on one thread (one with train.backbone_lr=2e-5), at ~1,650 in this test on two
     (2026-12-01: ITM 0.35 / 82 % over the last ten logs, 0.39 / 82 % on the val captions at
     5,000) and at ~1,800 in the CI run after it, with ITM below 0.5
-    about 400 steps later. Stopping at 5,000 leaves an escape more than twice as late as any
-    seen at 5e-4 room to show."""
+    about 400 steps later; the engine runs were at ITM 0.41-0.42 by 3,000. Stopped at 3,500
+    (5,000 until 2026-12-01: on a slower host that CI run's tiny test took 33 min and the suite
+    ran past its 55-minute limit), which leaves an escape 1.5 times as late as any seen at 5e-4
+    about 1,000 steps to show."""
     data, cnn = tmp_path / "synthetic", tmp_path / "tiny-cnn.pth"
     pretrain = run_python(["-m", "pixelbert.tools.pretrain_backbone", "--synthetic", str(data), "--out", str(cnn)],
                           timeout=1200)
     assert pretrain.returncode == 0, pretrain.stderr[-3000:]
     records = run_train(tmp_path / "tiny", data, [
-        "data.synthetic_images=2000", f"model.backbone_weights={cnn}", "train.stop_at_step=5000",
+        "data.synthetic_images=2000", f"model.backbone_weights={cnn}", "train.stop_at_step=3500",
         "train.save_every=0", "train.eval_every=500"], timeout=2700)
-    assert records[-1]["step"] == 5000
-    start, end = records[:10], records[-10:]  # steps 10-100 and 4,910-5,000
+    assert records[-1]["step"] == 3500
+    start, end = records[:10], records[-10:]  # steps 10-100 and 3,410-3,500
     print({k: (round(mean(start, k), 3), round(mean(end, k), 3)) for k in ("mlm_loss", "mlm_acc", "itm_loss", "itm_acc")})
     assert mean(start, "mlm_loss") > 3.5 and mean(end, "mlm_loss") < 1.2
     assert mean(end, "mlm_acc") > 0.6
@@ -389,9 +391,9 @@ def test_tiny_training_lowers_mlm_and_itm_loss(tmp_path):
     assert mean(end, "itm_loss") < 0.6  # it matches images and captions
     assert mean(end, "itm_acc") > 0.65
     validation = eval_lines(tmp_path / "tiny")  # held-out images and captions
-    assert list(validation) == list(range(500, 5001, 500))
-    assert validation[5000]["itm_loss"] < 0.6 and validation[5000]["itm_acc"] > 0.65
-    assert validation[5000]["mlm_acc"] > 0.6
+    assert list(validation) == list(range(500, 3501, 500))
+    assert validation[3500]["itm_loss"] < 0.6 and validation[3500]["itm_acc"] > 0.65
+    assert validation[3500]["mlm_acc"] > 0.6
 
 
 def test_bf16_zero2_channels_last_trains(tmp_path, synthetic_dir):

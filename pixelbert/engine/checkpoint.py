@@ -111,17 +111,19 @@ def load(engine, directory: str | Path, dist: DistInfo) -> Optional[dict]:
     tag = latest_tag(directory)
     if tag is None:
         return None
-    from deepspeed.runtime.zero.utils import ZeRORuntimeException
     tag_dir = Path(directory) / tag
+    ranks = saved_ranks(directory)
+    if engine.zero_optimization_stage() == 3 and ranks != dist.world_size:
+        # Refused here, alike on every rank: left to DeepSpeed, rank 0 refused the world size but
+        # rank 1, which the saving run lacked, died in a traceback (seen in CI, 2026-12-01).
+        raise ConfigError(f"{tag_dir}: written by {ranks} ranks, resumed on {dist.world_size}. ZeRO-1/2 "
+                          "checkpoints resume on any number of ranks, ZeRO-3's only on the number that saved "
+                          "them (DeepSpeed's universal loader for ZeRO-3 knows AdamW alone, not the CNN's SGD). "
+                          "Resume on that many ranks, or start a new run from its weights "
+                          f"(task.init_from={tag_dir}: the optimiser state starts afresh)")
     if engine.load_universal_checkpoint():
         on_main(dist, lambda: universal.convert(tag_dir))  # its error, if any, stops every rank
-    try:
-        path, client_state = engine.load_checkpoint(str(directory), tag=tag)
-    except ZeRORuntimeException as error:  # ZeRO-3's partitions fit the saving run's ranks only
-        raise ConfigError(f"{tag_dir}: {error} ZeRO-1/2 checkpoints resume on any number of ranks, ZeRO-3's "
-                          "only on the number that saved them (DeepSpeed's universal loader for ZeRO-3 knows "
-                          "AdamW alone, not the CNN's SGD). Resume on that many ranks, or start a new run from "
-                          f"its weights (task.init_from={tag_dir}: the optimiser state starts afresh)") from None
+    path, client_state = engine.load_checkpoint(str(directory), tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
     if engine.load_universal_checkpoint():
