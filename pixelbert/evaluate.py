@@ -39,6 +39,7 @@ from pixelbert.engine.distributed import (DistInfo, configure_accelerator, exit_
                                           shutdown_distributed)
 from pixelbert.engine.eval_setup import EvalSetup, eval_decoder
 from pixelbert.engine.evaluator import evaluate, read_eval_records
+from pixelbert.engine.launch_env import launched_world_size
 from pixelbert.engine.weights import load_weights
 from pixelbert.fileio import write_atomic
 from pixelbert.model.tasks import build_model
@@ -67,7 +68,7 @@ def run(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     task = cfg.train.task
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched on several ranks: they split the work
+    if launched_world_size(os.environ) > 1:  # launched on several ranks: they split the work
         configure_accelerator()
         dist = init_distributed()
     else:  # one process: no process group (it would hold a port in the caller's process)

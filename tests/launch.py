@@ -56,6 +56,38 @@ def run_python(args: list[str], env: dict | None = None, timeout: float = 900) -
     return run_child([sys.executable, *args], clean_env() if env is None else env, timeout)
 
 
+def run_srun_like(args: list[str], ranks: int, env: dict, timeout: float = 900) -> list[subprocess.CompletedProcess]:
+    """`srun -n ranks python ... args` on this machine, without SLURM: each task started with the
+    variables srun gives it (one node, job 4242 step 0) and none of torch's, on a port of its own."""
+    port = free_port()
+    children = []
+    for task in range(ranks):
+        slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": str(ranks),
+                 "SLURM_NTASKS": str(ranks), "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task),
+                 "SLURM_NODEID": "0", "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_TASKS_PER_NODE": str(ranks),
+                 "MASTER_PORT": str(port)}
+        children.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**env, **slurm}, text=True,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True))
+    results = []
+    try:
+        for child in children:
+            stdout, stderr = child.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{' '.join(args)} as {ranks} srun tasks still running after {timeout} s")
+    finally:
+        for child in children:
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+        left_behind = shm_segments(port)
+        for segment in left_behind:
+            segment.unlink(missing_ok=True)
+    if all(r.returncode == 0 for r in results) and left_behind:
+        pytest.fail(f"srun-like run left DeepSpeed shared memory behind: {[p.name for p in left_behind]}")
+    return results
+
+
 def run_deepspeed(args: list[str], ranks: int, env: dict | None = None,
                   timeout: float = 900) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus ranks ... args` on CPU ranks, on a port of its own."""

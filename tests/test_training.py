@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch import clean_env, run_deepspeed, run_python
+from tests.launch import clean_env, run_deepspeed, run_python, run_srun_like
 pytestmark = pytest.mark.slow
 
 # A model small enough for several runs per test on 2 cores; dropout off where runs must agree.
@@ -31,17 +31,22 @@ def synthetic_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("synthetic")
 
 
-def launch(out: Path, synthetic: Path, overrides: list[str], ranks: int = 1,
-           timeout: int = 900) -> subprocess.CompletedProcess:
+def train_args(out: Path, synthetic: Path, overrides: list[str]) -> list[str]:
+    """train.py's arguments for a tiny run into `out` on the module's synthetic set."""
     # Runs on the same synthetic set share one vocabulary cache beside it (never the user's ~/.cache).
-    args = ["--config", "configs/tiny.json", f"train.output_dir={out}", f"data.synthetic_dir={synthetic}",
+    return ["train.py", "--config", "configs/tiny.json", f"train.output_dir={out}", f"data.synthetic_dir={synthetic}",
             f"data.tokenizer_cache={synthetic.parent / 'tokenizers'}", "data.synthetic_images=96",
             # a CNN from scratch unless a test names one; validation only where a test asks for it
             "model.backbone_weights=null", "train.eval_every=0", *overrides]
+
+
+def launch(out: Path, synthetic: Path, overrides: list[str], ranks: int = 1,
+           timeout: int = 900) -> subprocess.CompletedProcess:
+    args = train_args(out, synthetic, overrides)
     env = clean_env(PYTHONUNBUFFERED="1")
     if ranks == 1:
-        return run_python(["train.py", *args], env, timeout)
-    return run_deepspeed(["train.py", *args], ranks, env, timeout)
+        return run_python(args, env, timeout)
+    return run_deepspeed(args, ranks, env, timeout)
 
 
 def run_train(out: Path, synthetic: Path, overrides: list[str], ranks: int = 1, timeout: int = 900) -> list[dict]:
@@ -107,6 +112,25 @@ def test_contrastive_loss_on_two_ranks_is_the_global_batchs(tmp_path, synthetic_
     for key in ("loss", "itm_loss", "itc_loss"):
         assert losses(two, key) == pytest.approx(losses(one, key), rel=1e-5, abs=1e-6), key
     assert len(set(losses(one, "itc_loss"))) == 3  # it trained: agreeing was not trivial
+
+
+def test_srun_tasks_train_as_two_ranks(tmp_path, synthetic_dir):
+    """`srun -n 2 python train.py` (SLURM's variables, none of torch's): the two tasks form one
+    two-rank group, training as one rank with twice the accumulation, and the step's exit code
+    is theirs. Before, each took itself for a one-rank run and both wrote one output folder."""
+    common = SMALL + NO_DROPOUT + ["train.max_steps=2", "data.num_workers=0", "deepspeed.zero_optimization.stage=2"]
+    one = run_train(tmp_path / "one", synthetic_dir, common + ["deepspeed.train_micro_batch_size_per_gpu=4",
+                                                              "deepspeed.gradient_accumulation_steps=2"])
+    tasks = run_srun_like(train_args(tmp_path / "srun", synthetic_dir, common + [
+        "deepspeed.train_micro_batch_size_per_gpu=4", "deepspeed.gradient_accumulation_steps=1"]), 2,
+        clean_env(PYTHONUNBUFFERED="1"))
+    assert [task.returncode for task in tasks] == [0, 0], [task.stderr[-3000:] for task in tasks]
+    assert "2 ranks started by SLURM step 4242.0; rank 0 at localhost:" in tasks[0].stderr
+    two = [json.loads(line) for line in (tmp_path / "srun" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in two] == [1, 2]  # one writer: rank 0
+    for key in ("loss", "mlm_loss", "itm_loss", "grad_norm"):
+        assert losses(two, key) == pytest.approx(losses(one, key), rel=1e-4, abs=1e-5), key
+    assert losses(one)[0] != losses(one)[1]  # it trained: agreeing was not trivial
 
 
 def eval_lines(run: Path) -> dict[int, dict]:

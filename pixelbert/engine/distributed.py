@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ from typing import Callable, Optional, TypeVar
 import torch
 from tqdm import tqdm
 
+from pixelbert.engine.launch_env import device_index, rank_environment
+
 T = TypeVar("T")
 
 
@@ -24,12 +25,6 @@ def configure_accelerator() -> None:
     """Choose DeepSpeed's accelerator before deepspeed is first imported."""
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -45,11 +40,11 @@ class DistInfo:
 
 
 def init_distributed() -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (one rank when not launched by it)."""
+    """Initialise torch.distributed through DeepSpeed: the ranks of the `deepspeed` launcher,
+    torchrun, srun or mpirun, or one rank under plain `python`."""
     configure_accelerator()
-    if "RANK" not in os.environ:  # plain `python train.py`: a one-rank group
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    variables, place = rank_environment(os.environ)
+    os.environ.update(variables)
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -62,15 +57,21 @@ def init_distributed() -> DistInfo:
     _had_process_group = True
     rank = torch.distributed.get_rank()
     world_size = torch.distributed.get_world_size()
+    if place is not None and rank == 0:
+        print(f"[pixelbert] {world_size} ranks started by {place.source}; rank 0 at "
+              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", file=sys.stderr, flush=True)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if on_gpu:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", device_index(local_rank, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
+        # DeepSpeed's engine and ZeRO read LOCAL_RANK as the device index: cuda:0 for a task that
+        # sees only its own GPU (srun --gpus-per-task=1). DistInfo keeps the rank's place.
+        os.environ["LOCAL_RANK"] = str(device.index)
     else:
         device = torch.device("cpu")
         # Ranks on one machine share its cores; oversubscription slows every rank down.
         if "OMP_NUM_THREADS" not in os.environ:
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+            local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world_size)))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return DistInfo(rank, world_size, local_rank, device)
 
