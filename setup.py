@@ -92,6 +92,6 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.2", "tensorboard>=2.15", "psutil>=5.9"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "tensorboard>=2.15", "psutil>=5.9"],
     },
 )

@@ -15,9 +15,6 @@ sys.path.insert(0, str(ROOT))
 
 
 def pytest_collection_modifyitems(config, items):
-    # The long tests first: under `pytest -n 2 --dist worksteal` (the README's command) the
-    # first worker starts on them while the second runs the rest, then takes over its queue.
-    items.sort(key=lambda item: "long" not in item.keywords)  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")

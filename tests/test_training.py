@@ -382,7 +382,6 @@ def mean(records: list[dict], key: str) -> float:
     return sum(r[key] for r in records) / len(records)
 
 
-@pytest.mark.long
 @pytest.mark.timeout(3000)
 def test_tiny_training_lowers_mlm_and_itm_loss(tmp_path):
     """The README's first command, stopped early: the synthetic-label CNN
