@@ -1,12 +1,13 @@
 """Ranks started by srun or mpirun: each process finds its place from the launcher's variables."""
 import importlib.util
+from types import SimpleNamespace
 
 import pytest
 
 from pixelbert.config import ConfigError
 from pixelbert.engine import launch_env
-from pixelbert.engine.launch_env import (device_index, expand_tasks_per_node, first_host, launched_world_size, rank_environment,
-                                          slurm_port)
+from pixelbert.engine.launch_env import (device_index, device_rank_variables, expand_tasks_per_node, first_host,
+                                          launched_world_size, rank_environment, slurm_port)
 
 
 def srun_task(procid: int, localid: int, nodeid: int, **extra: str) -> dict:
@@ -159,3 +160,27 @@ def test_a_rank_uses_its_local_gpu_or_the_only_one_it_sees():
     assert device_index(3, 1) == 0  # srun --gpus-per-task=1: its own GPU is cuda:0
     with pytest.raises(ConfigError, match="local rank 5 but this process sees 4 GPUs"):
         device_index(5, 4)
+
+
+def test_an_open_mpi_task_with_its_own_gpu_passes_deepspeeds_local_rank_check(monkeypatch):
+    """mpirun binding one GPU to each task: rank 3 is local rank 1 and its GPU is cuda:0.
+    DeepSpeed's engine asserts LOCAL_RANK == OMPI_COMM_WORLD_LOCAL_RANK and takes LOCAL_RANK as
+    the device; with the local rank alone rewritten (as before) the assert fired."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    def configure(env: dict) -> SimpleNamespace:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        engine = SimpleNamespace()
+        DeepSpeedEngine._configure_with_arguments(engine, SimpleNamespace(local_rank=None), mpu=None)
+        return engine
+
+    env = open_mpi_rank(3, MASTER_ADDR="node1")
+    env.update(rank_environment(env)[0])
+    device = device_index(int(env["LOCAL_RANK"]), 1)
+    with pytest.raises(AssertionError, match="conflicting local rank"):
+        configure({**env, "LOCAL_RANK": str(device)})
+    assert device_rank_variables(env, device) == {"LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_RANK": "0"}
+    assert configure({**env, **device_rank_variables(env, device)}).local_rank == 0
+    assert device_rank_variables({"LOCAL_RANK": "1"}, 0) == {"LOCAL_RANK": "0"}  # srun, torchrun: nothing else

@@ -16,7 +16,7 @@ from typing import Callable, Optional, TypeVar
 import torch
 from tqdm import tqdm
 
-from pixelbert.engine.launch_env import device_index, rank_environment
+from pixelbert.engine.launch_env import device_index, device_rank_variables, rank_environment
 
 T = TypeVar("T")
 
@@ -64,9 +64,9 @@ def init_distributed() -> DistInfo:
     if on_gpu:
         device = torch.device("cuda", device_index(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(device)
-        # DeepSpeed's engine and ZeRO read LOCAL_RANK as the device index: cuda:0 for a task that
-        # sees only its own GPU (srun --gpus-per-task=1). DistInfo keeps the rank's place.
-        os.environ["LOCAL_RANK"] = str(device.index)
+        # cuda:0 for a task that sees only its own GPU (srun --gpus-per-task=1, mpirun binding
+        # one GPU to each task); DistInfo keeps the rank's place on the node.
+        os.environ.update(device_rank_variables(os.environ, device.index))
     else:
         device = torch.device("cpu")
         # Ranks on one machine share its cores; oversubscription slows every rank down.

@@ -81,6 +81,18 @@ def device_index(local_rank: int, visible_devices: int) -> int:
                       "GPU (srun --ntasks-per-node=<GPUs per node>), or give each task its own (--gpus-per-task=1)")
 
 
+def device_rank_variables(env: Mapping[str, str], device: int) -> dict[str, str]:
+    """The variables that tell DeepSpeed a rank's device: its engine and ZeRO read LOCAL_RANK as
+    the device index, and under Open MPI its engine asserts that LOCAL_RANK equals
+    OMPI_COMM_WORLD_LOCAL_RANK, so a task that sees only its own GPU (device 0, local rank 1
+    and up) has both set to the index; nothing reads either as a place among the node's ranks
+    after the process group exists."""
+    variables = {"LOCAL_RANK": str(device)}
+    if "OMPI_COMM_WORLD_LOCAL_RANK" in env:
+        variables["OMPI_COMM_WORLD_LOCAL_RANK"] = str(device)
+    return variables
+
+
 def free_port() -> int:
     """A port free on this machine now (a one-rank run's own group)."""
     with socket.socket() as sock:
