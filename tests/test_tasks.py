@@ -739,7 +739,7 @@ def test_backbone_pretraining_on_synthetic_labels(synth, tmp_path):
     losses = pretrain(synth, tmp_path / "cnn.pth", steps=30, batch=8, shorter=64, longer=128, log_every=0)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     build_backbone("tiny", frozen_bn=False, weights=tmp_path / "cnn.pth")  # loads strictly
-    assert all(t.is_contiguous() for t in torch.load(tmp_path / "cnn.pth").values())  # trained channels-last
+    assert all(t.is_contiguous() for t in torch.load(tmp_path / "cnn.pth").values())  # saved in the usual layout, trained channels-last
 
 
 @pytest.mark.parametrize("args", [["--backbone", "nope"], ["--steps", "0"], ["--batch", "-1"], ["--lr", "0"]])
