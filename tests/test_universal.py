@@ -1,8 +1,9 @@
-"""engine/universal.py on hand-made ZeRO-1/2 files: each parameter's states come back whole from
-the ranks' flat partitions, whatever rank a parameter starts or ends on (the runs that resume
-on another rank count are in test_training.py)."""
+"""engine/universal.py on hand-made ZeRO-1/2 and ZeRO-3 files: each parameter's states come back
+whole from the ranks' flat partitions, whatever rank a parameter starts or ends on (the runs
+that resume on another rank count are in test_training.py)."""
 from __future__ import annotations
 
+import math
 import os
 from collections import namedtuple
 
@@ -65,6 +66,67 @@ def test_each_state_comes_back_whole(tmp_path, ranks, sgd):
     settings = torch.load(folder / "optimizer_state.pt", weights_only=False)
     assert settings["param_groups"] == [{"lr": 0.1, "algorithm": "x"}] and settings["clip_grad"] == 1.0
     assert not set(settings) & set(universal.SLICED)
+
+
+def write_zero3_shards(tag_dir, sub_groups: list[dict[str, torch.Tensor]], frozen: dict[str, torch.Tensor],
+                       ranks: int):
+    """The files a ZeRO-3 run of `ranks` ranks writes: each parameter padded to a multiple of
+    the ranks and cut evenly, each rank's slices of a sub-group's parameters concatenated; the
+    first sub-group AdamW's (moments: the weights times 2 and 3, step 7), the others SGD's
+    (momentum: times 2); the frozen parameters cut alike into each rank's model file."""
+    def cut(tensor, rank):
+        part = math.ceil(tensor.numel() / ranks)
+        padded = torch.cat([tensor.flatten(), torch.zeros(part * ranks - tensor.numel())])
+        return padded[rank * part:(rank + 1) * part]
+
+    groups = [{"lr": 0.1 * (index + 1), "algorithm": "adamw" if index == 0 else "sgd", "params": [index]}
+              for index in range(len(sub_groups))]
+    for rank in range(ranks):
+        flats = [torch.cat([cut(p, rank) for p in params.values()]) for params in sub_groups]
+        state = {index: ({"step": torch.tensor(7.0), "exp_avg": flat * 2, "exp_avg_sq": flat * 3} if index == 0
+                         else {"momentum_buffer": flat * 2}) for index, flat in enumerate(flats)}
+        shard = {"loss_scaler": None, "overflow": False, "partition_count": ranks,
+                 "optimizer_state_dict": {"state": state, "param_groups": groups}, "fp32_flat_groups": flats}
+        torch.save({"optimizer_state_dict": shard}, tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        torch.save({"param_shapes": [{name: p.shape for name, p in params.items()} for params in sub_groups],
+                    "frozen_param_shapes": {name: p.shape for name, p in frozen.items()},
+                    "frozen_param_fragments": {name: cut(p, rank) for name, p in frozen.items()}},
+                   tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_zero3_states_come_back_whole(tmp_path, ranks):
+    adamw = {"a.weight": torch.randn(3, 5), "b.bias": torch.randn(7)}
+    sgd = {"c.weight": torch.randn(2, 2, 2), "d.weight": torch.randn(1)}
+    frozen = {"stem.weight": torch.randn(4, 5)}
+    write_zero3_shards(tmp_path, [adamw, sgd], frozen, ranks)
+    folder = universal.convert(tmp_path)
+    for name, p in adamw.items():
+        assert sorted(os.listdir(folder / name)) == ["exp_avg.pt", "exp_avg_sq.pt", "fp32.pt", "step.pt"]
+        assert torch.equal(load(folder, name, "fp32"), p)
+        assert torch.equal(load(folder, name, "exp_avg"), p * 2)
+        assert torch.equal(load(folder, name, "exp_avg_sq"), p * 3)
+        assert torch.equal(load(folder, name, "step"), torch.tensor(7.0))
+    for name, p in sgd.items():
+        assert sorted(os.listdir(folder / name)) == ["fp32.pt", "momentum_buffer.pt"]
+        assert torch.equal(load(folder, name, "fp32"), p)
+        assert torch.equal(load(folder, name, "momentum_buffer"), p * 2)
+    assert sorted(os.listdir(folder / "stem.weight")) == ["fp32.pt"]
+    assert torch.equal(load(folder, "stem.weight", "fp32"), frozen["stem.weight"])
+    settings = torch.load(folder / "optimizer_state.pt", weights_only=False)
+    assert [group["algorithm"] for group in settings["param_groups"]] == ["adamw", "sgd"]
+    assert settings["partition_count"] == ranks and not set(settings) & set(universal.SLICED_ZERO3)
+
+
+def test_zero3_files_that_do_not_add_up_are_refused(tmp_path):
+    write_zero3_shards(tmp_path, [{"w": torch.randn(10)}], {}, ranks=2)
+    path = tmp_path / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    model = torch.load(path, weights_only=False)
+    model["param_shapes"] = [{"w": torch.Size([8])}]  # two elements short of the saved partitions
+    torch.save(model, path)
+    with pytest.raises(ValueError, match="take 4 elements a rank, the saved partition 5"):
+        universal.convert(tmp_path)
+    assert not (tmp_path / "zero").exists() and not list(tmp_path.glob(".zero-*"))
 
 
 def test_a_converted_folder_is_kept_and_a_dead_conversions_left_overs_go(tmp_path):

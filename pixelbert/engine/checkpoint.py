@@ -6,9 +6,9 @@ finished does rank 0 point `latest` at the tag, by an atomic rename. A run kille
 therefore resumes from the previous complete checkpoint, never from a partial one. Only after
 that are checkpoints beyond `keep` (train.keep_checkpoints) deleted, oldest first.
 
-A ZeRO-1/2 checkpoint resumed on another number of ranks is first converted, by the main rank
-and once, to DeepSpeed's universal layout (`engine/universal.py`), which the engine then loads
-with `checkpoint.load_universal` set in its DeepSpeed config (`needs_universal`).
+A ZeRO checkpoint resumed on another number of ranks is first converted, by the main rank and
+once, to DeepSpeed's universal layout (`engine/universal.py`), which the engine then loads with
+`checkpoint.load_universal` set in its DeepSpeed config (`needs_universal`).
 """
 from __future__ import annotations
 
@@ -98,9 +98,9 @@ def saved_ranks(directory: str | Path) -> Optional[int]:
 
 def needs_universal(directory: str | Path, world_size: int, zero_stage: int) -> bool:
     """Whether resuming from `directory` on `world_size` ranks must load DeepSpeed's universal
-    layout: ZeRO-1/2 optimiser partitions written by another number of ranks."""
+    layout: ZeRO optimiser partitions written by another number of ranks."""
     ranks = saved_ranks(directory)
-    return zero_stage in (1, 2) and ranks is not None and ranks != world_size
+    return zero_stage in (1, 2, 3) and ranks is not None and ranks != world_size
 
 
 def load(engine, directory: str | Path, dist: DistInfo) -> Optional[dict]:
@@ -112,21 +112,24 @@ def load(engine, directory: str | Path, dist: DistInfo) -> Optional[dict]:
     if tag is None:
         return None
     tag_dir = Path(directory) / tag
-    ranks = saved_ranks(directory)
-    if engine.zero_optimization_stage() == 3 and ranks != dist.world_size:
-        # Refused here, alike on every rank: left to DeepSpeed, rank 0 refused the world size but
-        # rank 1, which the saving run lacked, died in a traceback (seen in CI, 2026-12-01).
-        raise ConfigError(f"{tag_dir}: written by {ranks} ranks, resumed on {dist.world_size}. ZeRO-1/2 "
-                          "checkpoints resume on any number of ranks, ZeRO-3's only on the number that saved "
-                          "them (DeepSpeed's universal loader for ZeRO-3 knows AdamW alone, not the CNN's SGD). "
-                          "Resume on that many ranks, or start a new run from its weights "
-                          f"(task.init_from={tag_dir}: the optimiser state starts afresh)")
-    if engine.load_universal_checkpoint():
+    universal_load = engine.load_universal_checkpoint()
+    if universal_load and engine.zero_nvme_offload_optimizer():
+        raise ConfigError(f"{tag_dir}: written by {saved_ranks(directory)} ranks, resumed on {dist.world_size} with "
+                          "the optimiser offloaded to NVMe, which DeepSpeed restores only on the rank count that "
+                          "saved it. Resume on that many ranks, or without NVMe offload")
+    zero3 = engine.zero_optimization_stage() == 3
+    if universal_load:
         on_main(dist, lambda: universal.convert(tag_dir))  # its error, if any, stops every rank
-    path, client_state = engine.load_checkpoint(str(directory), tag=tag)
+    # DeepSpeed's ZeRO-3 universal loader knows Adam's states alone: it restores the weights,
+    # universal.load_zero3_rest the optimiser state.
+    path, client_state = engine.load_checkpoint(str(directory), tag=tag,
+                                                load_optimizer_states=not (universal_load and zero3))
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
-    if engine.load_universal_checkpoint():
+    if universal_load and zero3:
+        universal.load_zero3_rest(engine, tag_dir)
+        client_state.pop("optimizer", None)
+    elif universal_load:
         # The universal load restores the optimised parameters only; buffers (BatchNorm's
         # statistics) and frozen weights come from the model file, as in a plain load.
         model_file = tag_dir / "mp_rank_00_model_states.pt"
