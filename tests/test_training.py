@@ -260,6 +260,26 @@ def test_a_resume_on_another_number_of_ranks_says_so(tmp_path, synthetic_dir):
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
+def test_a_resume_under_another_zero_stage_goes_on_or_says_why_not(tmp_path, synthetic_dir):
+    """ZeRO-1 and 2 write the same files: a resume from one under the other logs the
+    uninterrupted run's losses. Between stage 0, 1/2 and 3 DeepSpeed's files differ (left to
+    DeepSpeed, a traceback or a missing-file error): the run stops with the stages, the way on
+    and exit 2."""
+    common = SMALL + NO_DROPOUT + ["train.max_steps=4", "train.save_every=2", "data.num_workers=0",
+                                   "deepspeed.train_micro_batch_size_per_gpu=4"]
+    straight = run_train(tmp_path / "straight", synthetic_dir, common + ["deepspeed.zero_optimization.stage=2"])
+    run = tmp_path / "run"
+    run_train(run, synthetic_dir, common + ["deepspeed.zero_optimization.stage=2", "train.stop_at_step=2"])
+    for stage in (3, 0):
+        refused = launch(run, synthetic_dir, common + [f"deepspeed.zero_optimization.stage={stage}", "train.resume=true"])
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+        assert f"written under ZeRO stage 2, this run uses stage {stage}" in refused.stderr
+        assert f"task.init_from={run / 'checkpoints' / 'step_2'}" in refused.stderr
+    resumed = run_train(run, synthetic_dir, common + ["deepspeed.zero_optimization.stage=1", "train.resume=true"])
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-6, abs=1e-7)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_resumes_on_another_number_of_ranks_through_the_universal_layout(tmp_path, synthetic_dir, stage):
     """A ZeRO-2 or ZeRO-3 checkpoint of two ranks resumes on one and one of one rank on two: the

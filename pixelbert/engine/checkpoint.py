@@ -103,6 +103,16 @@ def needs_universal(directory: str | Path, world_size: int, zero_stage: int) -> 
     return zero_stage in (1, 2, 3) and ranks is not None and ranks != world_size
 
 
+def saved_zero_stage(tag_dir: Path) -> Optional[int]:
+    """The ZeRO stage the checkpoint in `tag_dir` was written under (from DeepSpeed's config in
+    its model file, memory-mapped: the weights are not read); None where it is not recorded."""
+    name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if universal.is_zero3(tag_dir) else "mp_rank_00_model_states.pt"
+    if not (tag_dir / name).exists():
+        return None
+    ds_config = torch.load(tag_dir / name, map_location="cpu", weights_only=False, mmap=True).get("ds_config")
+    return None if ds_config is None else ds_config.get("zero_optimization", {}).get("stage", 0)
+
+
 def load(engine, directory: str | Path, dist: DistInfo) -> Optional[dict]:
     """Restore the latest checkpoint into `engine` and this rank's RNG (a rank the saving run
     did not have keeps its own); its client state, None when there is none. An engine built
@@ -112,12 +122,19 @@ def load(engine, directory: str | Path, dist: DistInfo) -> Optional[dict]:
     if tag is None:
         return None
     tag_dir = Path(directory) / tag
+    saved_stage, stage = saved_zero_stage(tag_dir), engine.zero_optimization_stage()
+    if saved_stage is not None and saved_stage != stage and not {saved_stage, stage} <= {1, 2}:
+        # Left to DeepSpeed, each such pair died in a traceback or a missing-file error (tried 2026-12-02).
+        raise ConfigError(f"{tag_dir} was written under ZeRO stage {saved_stage}, this run uses stage {stage}: "
+                          "DeepSpeed's checkpoint files of the one do not load into the other (stages 1 and 2 share "
+                          f"theirs). Resume with deepspeed.zero_optimization.stage={saved_stage}, or start a new run "
+                          f"from its weights (task.init_from={tag_dir}: the optimiser state starts afresh)")
     universal_load = engine.load_universal_checkpoint()
     if universal_load and engine.zero_nvme_offload_optimizer():
         raise ConfigError(f"{tag_dir}: written by {saved_ranks(directory)} ranks, resumed on {dist.world_size} with "
                           "the optimiser offloaded to NVMe, which DeepSpeed restores only on the rank count that "
                           "saved it. Resume on that many ranks, or without NVMe offload")
-    zero3 = engine.zero_optimization_stage() == 3
+    zero3 = stage == 3
     if universal_load:
         on_main(dist, lambda: universal.convert(tag_dir))  # its error, if any, stops every rank
     # DeepSpeed's ZeRO-3 universal loader knows Adam's states alone: it restores the weights,
