@@ -154,3 +154,11 @@ def test_missing_rank_files_and_unknown_states_are_refused(tmp_path):
     with pytest.raises(ValueError, match="max_exp_avg_sq"):
         universal.convert(odd)
     assert not (odd / "zero").exists() and not list(odd.glob(".zero-*"))
+
+
+def test_a_deepspeed_without_the_zero3_internals_read_is_named(tmp_path):
+    from types import SimpleNamespace
+    engine = SimpleNamespace(optimizer=SimpleNamespace(optimizer=None, param_names={}))
+    with pytest.raises(RuntimeError, match=r"no \['fp16_groups', 'fp32_partitioned_groups_flat', "
+                                           r"'load_hp_checkpoint_state'\].*resume on the rank count that saved it"):
+        universal.load_zero3_rest(engine, tmp_path)

@@ -166,6 +166,12 @@ def load_zero3_rest(engine, tag_dir: Path) -> None:
     import deepspeed
     folder = tag_dir / UNIVERSAL_DIR
     zero = engine.optimizer
+    # DeepSpeed's ZeRO-3 internals read here (as of 0.19): say so if a version lacks them.
+    missing = [name for name in ("optimizer", "fp16_groups", "fp32_partitioned_groups_flat", "param_names",
+                                 "load_hp_checkpoint_state") if not hasattr(zero, name)]
+    if missing:
+        raise RuntimeError(f"DeepSpeed {deepspeed.__version__}'s ZeRO-3 optimiser has no {missing}, which resuming a "
+                           "ZeRO-3 checkpoint on another number of ranks reads; resume on the rank count that saved it")
     settings = torch.load(folder / "optimizer_state.pt", map_location="cpu", weights_only=False)
     base = zero.optimizer
     saved_algorithms = [group.get("algorithm") for group in settings["param_groups"]]
