@@ -13,7 +13,7 @@ rank count and cut evenly, as `zero_to_fp32` reassembles them).
 
 DeepSpeed's ZeRO-1/2 universal loader restores every state it finds. Its ZeRO-3 one takes Adam's
 two keys and the first group's settings for every group (it would turn the CNN's SGD into
-AdamW), so for ZeRO-3 DeepSpeed loads the weights only and `load_zero3_optimizer` the rest.
+AdamW), so for ZeRO-3 DeepSpeed loads the weights only and `load_zero3_rest` the rest.
 """
 from __future__ import annotations
 
@@ -159,12 +159,11 @@ def write_universal(folder: Path, states: dict[str, dict], shapes: dict[str, tor
 
 def load_zero3_rest(engine, tag_dir: Path) -> None:
     """After DeepSpeed's ZeRO-3 universal load of the trainable weights (with
-    load_optimizer_states=False): each sub-group's optimiser states and step, each group's
-    settings and the loss scaler from `tag_dir/zero/`, then the frozen weights from there and the
-    buffers (BatchNorm's statistics) from rank 0's model file, as the ZeRO-1/2 universal load
-    takes them. Every rank calls it (the frozen weights are gathered and scattered)."""
+    load_optimizer_states=False), what it leaves: the optimiser state and settings and the
+    frozen weights from `tag_dir/zero/`, the buffers (BatchNorm's statistics) from rank 0's model
+    file, as the ZeRO-1/2 universal load takes them. Every rank calls it (the frozen weights are
+    gathered and scattered)."""
     import deepspeed
-    folder = tag_dir / UNIVERSAL_DIR
     zero = engine.optimizer
     # DeepSpeed's ZeRO-3 internals read here (as of 0.19): say so if a version lacks them.
     missing = [name for name in ("optimizer", "fp16_groups", "fp32_partitioned_groups_flat", "param_names",
@@ -172,6 +171,26 @@ def load_zero3_rest(engine, tag_dir: Path) -> None:
     if missing:
         raise RuntimeError(f"DeepSpeed {deepspeed.__version__}'s ZeRO-3 optimiser has no {missing}, which resuming a "
                            "ZeRO-3 checkpoint on another number of ranks reads; resume on the rank count that saved it")
+    folder = tag_dir / UNIVERSAL_DIR
+    load_zero3_optimizer(zero, folder)
+    frozen = [(name, param) for name, param in engine.module.named_parameters() if not param.requires_grad]
+    if frozen:
+        with deepspeed.zero.GatheredParameters([param for _, param in frozen], modifier_rank=0):
+            if engine.global_rank == 0:
+                for name, param in frozen:
+                    saved = torch.load(folder / name / "fp32.pt", map_location="cpu", weights_only=False)["param"]
+                    param.data.copy_(saved.view_as(param))
+    module = torch.load(tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)["module"]
+    for name, buffer in engine.module.named_buffers():
+        if name in module:
+            buffer.copy_(module[name])
+
+
+def load_zero3_optimizer(zero, folder: Path) -> None:
+    """Each group's settings, the loss scaler, and each sub-group's states and step (this
+    rank's slice of each of its parameters, cut by DeepSpeed's own partitioning) into the ZeRO-3
+    optimiser `zero`, from the universal `folder`."""
     settings = torch.load(folder / "optimizer_state.pt", map_location="cpu", weights_only=False)
     base = zero.optimizer
     saved_algorithms = [group.get("algorithm") for group in settings["param_groups"]]
@@ -204,18 +223,6 @@ def load_zero3_rest(engine, tag_dir: Path) -> None:
                 offset += part.numel()
             state[key] = partition
         base.state[flat] = state
-    frozen = [(name, param) for name, param in engine.module.named_parameters() if not param.requires_grad]
-    if frozen:
-        with deepspeed.zero.GatheredParameters([param for _, param in frozen], modifier_rank=0):
-            if engine.global_rank == 0:
-                for name, param in frozen:
-                    saved = torch.load(folder / name / "fp32.pt", map_location="cpu", weights_only=False)["param"]
-                    param.data.copy_(saved.view_as(param))
-    module = torch.load(tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt", map_location="cpu",
-                        weights_only=False)["module"]
-    for name, buffer in engine.module.named_buffers():
-        if name in module:
-            buffer.copy_(module[name])
 
 
 def pid_alive(pid: str) -> bool:
