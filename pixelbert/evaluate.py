@@ -40,7 +40,7 @@ from pixelbert.engine.distributed import (DistInfo, configure_accelerator, exit_
 from pixelbert.engine.eval_setup import EvalSetup, eval_decoder
 from pixelbert.engine.evaluator import evaluate, read_eval_records
 from pixelbert.engine.launch_env import launched_world_size
-from pixelbert.engine.weights import load_weights
+from pixelbert.engine.weights import load_trained
 from pixelbert.fileio import write_atomic
 from pixelbert.model.tasks import build_model
 
@@ -86,11 +86,7 @@ def run(argv=None) -> int:
         answers = AnswerVocabulary.load(run_dir / ANSWERS_FILE) if task == "vqa" else None
         # The checkpoint holds the CNN.
         model = build_model(cfg, len(answers.answers) if answers else None, backbone_weights=False)
-        loaded = load_weights(model, args.checkpoint)
-        if loaded.initialised:  # a head left at random would be evaluated as if trained
-            raise ValueError(f"{args.checkpoint} lacks {len(loaded.initialised)} of this model's tensors "
-                             f"(e.g. {', '.join(loaded.initialised[:3])}): it is not a checkpoint of a "
-                             f"{task} run with this config")
+        load_trained(model, args.checkpoint, task)
         records = read_eval_records(cfg, args.split, dist)
         decoder, decoder_name = eval_decoder(cfg, dist.device)
     except ConfigError as e:  # data.decoder=dali without DALI, records on a folder other ranks cannot see

@@ -21,7 +21,7 @@ per token. Next to it, OUT.json holds the numbers (see `describe`):
 
 `--checkpoint` takes what pixelbert.engine.weights.load_weights takes (a run folder, its
 checkpoints/ folder, a step_N/ folder or a weights file); the tokenizer is the run's (the
-folder given when it is, or holds, a run folder, else train.output_dir). Without --image and
+run folder the checkpoint is in, else train.output_dir). Without --image and
 --text the first caption of the run's validation data (the synthetic set's when data.train is
 empty) is used.
 """
@@ -41,7 +41,8 @@ from PIL import Image, ImageDraw, ImageFont
 from pixelbert.config import CAPTION_FORMATS, Config, load_config
 from pixelbert.data.errors import BadSample
 from pixelbert.data.images import load_image, pad_images
-from pixelbert.data.tokenizer import CLS, PAD, SEP, VOCAB_FILE, TextTokenizer, run_tokenizer
+from pixelbert.data.tokenizer import CLS, PAD, SEP, TextTokenizer, run_tokenizer
+from pixelbert.engine.data import run_dir_of
 from pixelbert.fileio import write_atomic
 
 MAX_DEFAULT_TOKENS = 6
@@ -64,16 +65,6 @@ def colormap(values: np.ndarray) -> np.ndarray:
 
 
 # ---- inputs -----------------------------------------------------------------------------------
-def find_run_dir(checkpoint: Path, cfg: Config) -> Path:
-    """The run folder whose tokenizer/ goes with `checkpoint`: the checkpoint path itself or one
-    of its two parents (checkpoints/, step_N/) when it holds tokenizer/vocab.txt, else
-    train.output_dir."""
-    for candidate in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
-        if (candidate / "tokenizer" / VOCAB_FILE).is_file():
-            return candidate
-    return Path(cfg.train.output_dir)
-
-
 def default_example(cfg: Config) -> tuple[str, str]:
     """(image path, caption) of the first record of the run's validation data: the first caption
     source of data.val, else the synthetic set's val captions when data.train is empty, else the
@@ -247,7 +238,7 @@ def visualize(args: argparse.Namespace) -> dict:
 
     cfg = load_config(args.config, args.override)
     checkpoint = Path(args.checkpoint)
-    tokenizer = run_tokenizer(cfg.data, find_run_dir(checkpoint, cfg))
+    tokenizer = run_tokenizer(cfg.data, run_dir_of(checkpoint, default=Path(cfg.train.output_dir)))
     image_path, text = (args.image, args.text) if args.image is not None else default_example(cfg)
 
     cfg.model.backbone_weights = None  # the checkpoint holds the CNN

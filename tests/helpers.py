@@ -1,5 +1,7 @@
 """Small models and batches shared by the tests."""
 import dataclasses
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -53,3 +55,27 @@ def split_records(cfg, split: str, dist=None) -> list:
     from pixelbert.engine.distributed import DistInfo
     dist = dist or DistInfo(0, 1, 0, torch.device("cpu"))
     return read_split(cfg, split, split_sources(cfg, split, dist), print)
+
+
+def eval_run(tmp_path: Path, synth: Path, task: str, *overrides: str) -> tuple[Path, list]:
+    """A run folder to evaluate: the task's config on `synth`, a vocabulary, untrained weights."""
+    from pixelbert.config import load_config
+    from pixelbert.data.tasks import AnswerVocabulary
+    from pixelbert.data.tokenizer import build_tokenizer
+    from pixelbert.engine.data import ANSWERS_FILE
+    from pixelbert.engine.distributed import DistInfo
+    from pixelbert.model.tasks import build_model
+    run = tmp_path / "run"
+    cfg = load_config("configs/tiny.json", [f"train.output_dir={run}", f"data.synthetic_dir={synth}",
+                                            "data.synthetic_images=40", f"train.task={task}",
+                                            "model.backbone_weights=null", "data.image_shorter=64",
+                                            "data.image_longer=128", *overrides])
+    dist = DistInfo(0, 1, 0, torch.device("cpu"))
+    train, val = ([r for s in split_records(cfg, split, dist) for r in s] for split in ("train", "val"))
+    build_tokenizer(cfg.data, [r.text for r in train + val], run / "tokenizer", 100)
+    answers = AnswerVocabulary.build(train, 1) if task == "vqa" else None
+    if answers:
+        answers.save(run / ANSWERS_FILE)
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    torch.save(build_model(cfg, len(answers.answers) if answers else None).state_dict(), run / "weights.pt")
+    return run, val

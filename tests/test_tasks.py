@@ -20,7 +20,7 @@ from pixelbert.engine.distributed import DistInfo
 from pixelbert.engine.weights import load_weights
 from pixelbert.model import PixelBert
 from pixelbert.model.tasks import PixelBertForNLVR2, PixelBertForRetrieval, PixelBertForVQA
-from tests.helpers import FailingDecoder, split_records, tiny_config
+from tests.helpers import FailingDecoder, eval_run, tiny_config
 
 DATA = DataConfig(image_shorter=64, image_longer=128, max_text_len=16, num_workers=0)
 
@@ -518,27 +518,6 @@ def test_evaluate_cli_end_to_end(synth, records, tmp_path, capsys):
     assert evaluate.main(["--config", str(run / "config.json"), "--checkpoint", str(run / "weights.pt"),
                           "--out", str(blocker / "out")]) == 2
     assert "cannot write the evaluation's outputs" in capsys.readouterr().err
-
-
-def eval_run(tmp_path: Path, synth: Path, task: str, *overrides: str) -> tuple[Path, list]:
-    """A run folder to evaluate: the task's config on `synth`, a vocabulary, untrained weights."""
-    from pixelbert.engine.data import ANSWERS_FILE
-    from pixelbert.engine.distributed import DistInfo
-    from pixelbert.model.tasks import build_model
-    run = tmp_path / "run"
-    cfg = load_config("configs/tiny.json", [f"train.output_dir={run}", f"data.synthetic_dir={synth}",
-                                            "data.synthetic_images=40", f"train.task={task}",
-                                            "model.backbone_weights=null", "data.image_shorter=64",
-                                            "data.image_longer=128", *overrides])
-    dist = DistInfo(0, 1, 0, torch.device("cpu"))
-    train, val = ([r for s in split_records(cfg, split, dist) for r in s] for split in ("train", "val"))
-    build_tokenizer(DATA, [r.text for r in train + val], run / "tokenizer", 100)
-    answers = AnswerVocabulary.build(train, 1) if task == "vqa" else None
-    if answers:
-        answers.save(run / ANSWERS_FILE)
-    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
-    torch.save(build_model(cfg, len(answers.answers) if answers else None).state_dict(), run / "weights.pt")
-    return run, val
 
 
 @pytest.mark.parametrize("task", ["vqa", "nlvr2", "retrieval"])

@@ -298,12 +298,15 @@ def describe(record: Record) -> str:
     return f"{record.images or record.image} ({key})"
 
 
-def run_dir_of(path: str | Path) -> Path:
-    """The run folder holding a checkpoint path (the first parent with a tokenizer/ folder)."""
+def run_dir_of(path: str | Path, default: Optional[Path] = None) -> Path:
+    """The run folder holding a checkpoint path (the path or the first parent with a tokenizer/
+    folder); `default` when there is none (or, without one, an error)."""
     path = Path(path).resolve()
     for candidate in (path, *path.parents):
         if (candidate / "tokenizer" / "vocab.txt").is_file():
             return candidate
+    if default is not None:
+        return default
     raise FileNotFoundError(f"no tokenizer/vocab.txt in {path} or its parents: task.init_from must be "
                             "inside the pre-training run folder (or set data.tokenizer)")
 

@@ -55,6 +55,17 @@ def load_weights(model: nn.Module, path: str | Path) -> WeightsReport:
     return load_state(model, model_state_dict(path), path)
 
 
+def load_trained(model: nn.Module, path: str | Path, task: str) -> WeightsReport:
+    """`load_weights` for evaluation and inference: every tensor of the model must come from
+    `path`, since a head left at random would answer as if trained."""
+    report = load_weights(model, path)
+    if report.initialised:
+        raise ValueError(f"{path} lacks {len(report.initialised)} of this model's tensors "
+                         f"(e.g. {', '.join(report.initialised[:3])}): it is not a checkpoint of a "
+                         f"{task} run with this config")
+    return report
+
+
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> WeightsReport:
     """`load_weights` of a state dict already read from `source`."""
     own = model.state_dict()
