@@ -7,7 +7,8 @@ DIR then holds `model.safetensors`, `config.json` (its `train.output_dir` set to
 `tokenizer/vocab.txt` (with its casing, `tokenizer_config.json`) and, for VQA, `answers.txt`: it is a run folder without optimiser state,
 a fraction of a checkpoint's size, and everything that reads weights takes it
 (`python -m pixelbert.evaluate --config DIR/config.json --checkpoint DIR/model.safetensors`,
-`task.init_from=DIR/model.safetensors`, `python -m pixelbert.visualize`).
+`task.init_from=DIR/model.safetensors`, `python -m pixelbert.visualize`,
+`python -m pixelbert.predict`).
 """
 from __future__ import annotations
 

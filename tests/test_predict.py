@@ -1,0 +1,180 @@
+"""pixelbert.predict: one request gives what evaluation computes for the same image and text."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pixelbert import predict
+from pixelbert.config import load_config
+from pixelbert.data import synthetic
+from pixelbert.data.skips import SkipCounter
+from pixelbert.data.tasks import AnswerVocabulary, TaskDataset
+from pixelbert.data.tokenizer import run_tokenizer
+from pixelbert.engine.data import ANSWERS_FILE
+from pixelbert.engine.distributed import DistInfo
+from pixelbert.engine.eval_setup import EvalSetup
+from pixelbert.engine.evaluator import task_outputs
+from pixelbert.engine.retrieval_eval import retrieval_scores
+from pixelbert.engine.weights import load_weights
+from pixelbert.model.tasks import build_model
+from tests.helpers import eval_run
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic")
+    synthetic.generate(out, 40, 3)
+    return out
+
+
+def ask(capsys, run: Path, *args: str, checkpoint: Path | None = None, config: Path | None = None) -> tuple[int, dict | str]:
+    """predict's exit code and its reply (its error message when it fails)."""
+    code = predict.main(["--config", str(config or run / "config.json"),
+                         "--checkpoint", str(checkpoint or run / "weights.pt"), *args])
+    out = capsys.readouterr()
+    return code, json.loads(out.out) if code == 0 else out.err
+
+
+def evaluation(run: Path, *overrides: str, weights: Path | None = None):
+    """The model and EvalSetup that `pixelbert.evaluate` builds for the run (one CPU rank)."""
+    cfg = load_config(run / "config.json", ["data.num_workers=0", *overrides])
+    answers = AnswerVocabulary.load(run / ANSWERS_FILE) if cfg.train.task == "vqa" else None
+    model = build_model(cfg, len(answers.answers) if answers else None, backbone_weights=False)
+    assert not load_weights(model, weights or run / "weights.pt").initialised
+    tokenizer = run_tokenizer(cfg.data, run)
+    return model.eval(), EvalSetup(cfg, tokenizer, DistInfo(0, 1, 0, torch.device("cpu")), answers)
+
+
+def distinct_images(records, count: int) -> list:
+    """The first record of each of the first `count` images (or image pairs)."""
+    seen: dict = {}
+    for r in records:
+        seen.setdefault(r.images or r.image, r)
+    return list(seen.values())[:count]
+
+
+def test_vqa_scores_every_answer_as_evaluation_does(synth, tmp_path, capsys):
+    run, val = eval_run(tmp_path, synth, "vqa")
+    chosen = distinct_images(val, 3)
+    model, setup = evaluation(run)
+    dataset = TaskDataset("vqa", chosen, setup.tokenizer, setup.cfg.data, answers=setup.answers, replace_bad=False)
+    with torch.no_grad():  # one evaluation batch of the three questions, images padded together
+        logits = torch.cat([out for _, out in task_outputs(dataset, setup, SkipCounter(), model.logits)])
+    for record, expected in zip(chosen, torch.sigmoid(logits)):
+        code, reply = ask(capsys, run, "--image", record.image, "--text", record.text,
+                          "--top", str(len(setup.answers.answers)))
+        assert code == 0, reply
+        scores = [a["score"] for a in reply["answers"]]
+        assert scores == sorted(scores, reverse=True)
+        by_answer = {a["answer"]: a["score"] for a in reply["answers"]}
+        assert sorted(by_answer) == sorted(setup.answers.answers)
+        torch.testing.assert_close(torch.tensor([by_answer[a] for a in setup.answers.answers]), expected,
+                                   rtol=1e-4, atol=1e-5)
+        assert reply["text"] == record.text and reply["images"] == [record.image]
+    code, reply = ask(capsys, run, "--image", chosen[0].image, "--text", chosen[0].text)
+    assert len(reply["answers"]) == predict.DEFAULT_TOP and reply["model_ms"] > 0 and "warm_model_ms" not in reply
+
+
+def test_nlvr2_verdict_is_evaluations(synth, tmp_path, capsys):
+    run, val = eval_run(tmp_path, synth, "nlvr2")
+    chosen = distinct_images(val, 3)
+    model, setup = evaluation(run)
+    dataset = TaskDataset("nlvr2", chosen, setup.tokenizer, setup.cfg.data, replace_bad=False)
+    with torch.no_grad():
+        logits = torch.cat([out for _, out in task_outputs(dataset, setup, SkipCounter(), model.logits)])
+    for record, expected in zip(chosen, torch.softmax(logits, dim=1)[:, 1]):
+        code, reply = ask(capsys, run, "--image", record.images[0], "--image", record.images[1], "--text", record.text)
+        assert code == 0, reply
+        assert reply["true_probability"] == pytest.approx(float(expected), abs=1e-5)
+        assert reply["answer"] == (float(expected) > 0.5)
+    # Left and right swapped: another request (each image has its own pair), another answer.
+    code, swapped = ask(capsys, run, "--image", chosen[0].images[1], "--image", chosen[0].images[0],
+                        "--text", chosen[0].text)
+    assert swapped["true_probability"] != pytest.approx(float(torch.softmax(logits, 1)[0, 1]), abs=1e-6)
+
+
+@pytest.mark.parametrize("task", ["retrieval", "pretrain"])
+def test_text_scores_are_retrieval_evaluations(synth, tmp_path, capsys, task):
+    """Each text's score is its pair's score in retrieval evaluation's matrix; a pre-training run
+    is scored by its own ITM head (the zero-shot retrieval evaluation of its weights)."""
+    run, val = eval_run(tmp_path, synth, task)
+    images = {r.image for r in distinct_images(val, 3)}
+    records = [r for r in val if r.image in images]
+    model, setup = evaluation(run, "train.task=retrieval")  # a pre-training run evaluates zero-shot
+    with torch.no_grad():
+        ranked = retrieval_scores(model, setup, records, SkipCounter())
+    texts = [r.text for r in records]
+    image = records[0].image
+    code, reply = ask(capsys, run, "--image", image, *(a for text in texts for a in ("--text", text)), "--repeat", "3")
+    assert code == 0, reply
+    assert reply["task"] == task and reply["warm_model_ms"] > 0
+    scores = [t["score"] for t in reply["texts"]]
+    assert scores == sorted(scores, reverse=True) and sorted(t["text"] for t in reply["texts"]) == sorted(texts)
+    row = ranked.scores[ranked.img_of_text[0]]  # records[0]'s image
+    got = {t["text"]: t["score"] for t in reply["texts"]}
+    torch.testing.assert_close(torch.tensor([got[text] for text in texts]), row, rtol=1e-4, atol=1e-5)
+    for t in reply["texts"]:
+        assert t["match_probability"] == pytest.approx(float(torch.sigmoid(torch.tensor(t["score"]))), abs=1e-6)
+
+
+def test_an_exported_model_answers_alike(synth, tmp_path, capsys):
+    from pixelbert.tools.export import export
+    run, val = eval_run(tmp_path, synth, "vqa")
+    weights = export(run / "weights.pt", tmp_path / "exported")
+    request = ("--image", val[0].image, "--text", val[0].text)
+    _, from_run = ask(capsys, run, *request)
+    code, exported = ask(capsys, run, *request, config=weights.parent / "config.json", checkpoint=weights)
+    assert code == 0, exported
+    assert exported["answers"] == from_run["answers"]
+
+
+def test_bf16_request_is_the_fp32_one_within_bf16_rounding(synth, tmp_path, capsys):
+    run, val = eval_run(tmp_path, synth, "nlvr2")
+    request = ("--image", val[0].images[0], "--image", val[0].images[1], "--text", val[0].text)
+    _, fp32 = ask(capsys, run, *request)
+    code, bf16 = ask(capsys, run, *request, "--dtype", "bf16")
+    assert code == 0, bf16
+    assert bf16["dtype"] == "bf16" and bf16["true_probability"] == pytest.approx(fp32["true_probability"], abs=0.02)
+
+
+@pytest.mark.parametrize("task, request_args, message", [
+    ("nlvr2", ["--image", "{img}", "--text", "a statement"], "nlvr2 takes 2 --image"),
+    ("vqa", ["--image", "{img}", "--text", "q?", "--text", "another?"], "vqa takes one --text (the question)"),
+    ("retrieval", ["--image", "{img}", "--text", " "], "a --text is empty"),
+    ("retrieval", ["--image", "{img}", "--image", "{img}", "--text", "a caption"], "retrieval takes 1 --image"),
+    ("vqa", ["--image", "/no/such/image.jpg", "--text", "q?"], "the image cannot be used (missing_file: /no/such/image.jpg)"),
+    ("vqa", ["--image", "{img}", "--text", "q?", "--top", "0"], "--top and --repeat must be at least 1"),
+])
+def test_requests_it_cannot_answer_are_refused(synth, tmp_path, capsys, task, request_args, message):
+    run, val = eval_run(tmp_path, synth, task)
+    image = val[0].images[0] if val[0].images else val[0].image
+    code, err = ask(capsys, run, *(a.replace("{img}", image) for a in request_args))
+    assert code == 2 and message in err
+
+
+def test_a_checkpoint_of_another_task_is_refused(synth, tmp_path, capsys):
+    run, val = eval_run(tmp_path, synth, "vqa")
+    pretrain = build_model(load_config(run / "config.json", ["train.task=pretrain"]), backbone_weights=False)
+    torch.save(pretrain.state_dict(), run / "pretrain.pt")  # in the VQA run: its answers.txt is found
+    code, err = ask(capsys, run, "--image", val[0].image, "--text", val[0].text, checkpoint=run / "pretrain.pt")
+    assert code == 2 and "lacks" in err and "vqa_head" in err
+    (run / ANSWERS_FILE).unlink()
+    code, err = ask(capsys, run, "--image", val[0].image, "--text", val[0].text)
+    assert code == 2 and f"{run / ANSWERS_FILE} not found" in err
+
+
+def test_a_text_longer_than_max_text_len_is_cut_and_said_so(synth, tmp_path, capsys):
+    run, val = eval_run(tmp_path, synth, "retrieval", "data.max_text_len=8")
+    long_text, short_text = "a red circle and a blue square in the top left corner", "a blue square"
+    code, reply = ask(capsys, run, "--image", val[0].image, "--text", long_text, "--text", short_text)
+    assert code == 0, reply
+    assert reply["truncated"] == [long_text]
+    # Cut: the long text scores as its first six word pieces do.
+    pieces = run_tokenizer(load_config(run / "config.json").data, run).tokenize(long_text)
+    assert len(pieces) > 6
+    cut = " ".join(pieces[:6]).replace(" ##", "")
+    _, alone = ask(capsys, run, "--image", val[0].image, "--text", cut)
+    assert {t["text"]: t["score"] for t in reply["texts"]}[long_text] == pytest.approx(alone["texts"][0]["score"], abs=1e-5)
