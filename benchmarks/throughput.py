@@ -568,10 +568,11 @@ def search_max_batch(args, mode: Mode, data: dict, run_dir: Path, dist, clock: C
 
 def measure_latency(args, cfg: Config, data: dict, dist, repeats: int) -> dict:
     """One VQA-style request: batch 1 at the config's resolution, eval mode, no grad."""
-    from pixelbert.data.images import load_image, pad_images
     from pixelbert.data.tokenizer import build_tokenizer
+    from pixelbert.engine.batches import to_device
     from pixelbert.engine.trainer import training_dtype
     from pixelbert.model.tasks import PixelBertForVQA
+    from pixelbert.predict import request_batch
 
     cuda = dist.device.type == "cuda"
     dtype = training_dtype(cfg)
@@ -584,13 +585,8 @@ def measure_latency(args, cfg: Config, data: dict, dist, repeats: int) -> dict:
     question = "what color is the small animal sitting next to the wooden table?"
     paths = sorted(Path(data["images"]).glob("*.jpg"))
 
-    def prepare(path: Path) -> dict:
-        images, sizes = pad_images([load_image(path, cfg.data.image_shorter, cfg.data.image_longer, cfg.data.pixel_norm())],
-                                   cfg.data.pad_multiple)
-        ids = torch.tensor([tokenizer.encode(question, cfg.data.max_text_len)])
-        batch = {"images": images.to(dtype), "image_sizes": sizes, "input_ids": ids,
-                 "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
-        return {k: v.to(dist.device, non_blocking=True) for k, v in batch.items()}
+    def prepare(path: Path) -> dict:  # what `python -m pixelbert.predict` does to a request
+        return to_device(request_batch(cfg, tokenizer, [str(path)], [question]), dist.device, dtype)
 
     def sync():
         if cuda:
