@@ -572,7 +572,7 @@ def measure_latency(args, cfg: Config, data: dict, dist, repeats: int) -> dict:
     from pixelbert.engine.batches import to_device
     from pixelbert.engine.trainer import training_dtype
     from pixelbert.model.tasks import PixelBertForVQA
-    from pixelbert.predict import request_batch
+    from pixelbert.predict import Request, request_batch
 
     cuda = dist.device.type == "cuda"
     dtype = training_dtype(cfg)
@@ -586,7 +586,7 @@ def measure_latency(args, cfg: Config, data: dict, dist, repeats: int) -> dict:
     paths = sorted(Path(data["images"]).glob("*.jpg"))
 
     def prepare(path: Path) -> dict:  # what `python -m pixelbert.predict` does to a request
-        return to_device(request_batch(cfg, tokenizer, [str(path)], [question]), dist.device, dtype)
+        return to_device(request_batch(Request([str(path)], [question]), cfg, "vqa", tokenizer), dist.device, dtype)
 
     def sync():
         if cuda:
