@@ -13,7 +13,7 @@ the split's captions. A checkpoint must hold every tensor of the config's model:
 random would be evaluated as if trained. Launched on several ranks (`deepspeed --num_gpus N --module
 pixelbert.evaluate ...`) the ranks split the work and report what one rank would. Results go
 to stdout and `RUN/eval_<task>_<split>.json`; with `--out DIR` (a run folder that is read-only,
-or shared), that file, VQA's results file and the split's packed records (unless
+or shared), that file, VQA's results file (retrieval's rankings file) and the split's packed records (unless
 `data.records_cache` holds them) go to DIR instead. The work itself is
 `pixelbert.engine.evaluator`, which training's `train.eval_every` runs too.
 """
@@ -57,7 +57,7 @@ def run(argv=None) -> int:
     parser.add_argument("--config", required=True, help="the run's config.json")
     parser.add_argument("--checkpoint", required=True, help="run folder, checkpoints/ folder, step_N folder or weights file")
     parser.add_argument("--split", default="val", help="data.val (or the synthetic set's evaluation split)")
-    parser.add_argument("--out", default=None, help="folder for the report, VQA's results file and the split's "
+    parser.add_argument("--out", default=None, help="folder for the report, VQA's results file, retrieval's rankings and the split's "
                         "records (default: the run folder, train.output_dir)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")

@@ -469,7 +469,9 @@ def test_retrieval_folds_report_what_each_fold_alone_gives(synth, records, tok, 
             f"task.contrastive_weight={float(shortlist > 0)}", f"task.retrieval_folds={folds}"])
         setup = EvalSetup(cfg, tok, DistInfo(0, 1, 0, torch.device("cpu")))
         with torch.no_grad():
-            return evaluator.evaluate(PairScorer(), setup, recs, "val", SkipCounter())
+            report = evaluator.evaluate(PairScorer(), setup, recs, "val", SkipCounter())
+        assert report.pop("rankings_file") == str(tmp_path / "retrieval_val_rankings.json")  # a fold's report has none
+        return report
 
     whole = evaluate(split, 3)
     alone = [evaluate([r for image in images for r in by_image[image]], 0) for images in fold_images]
@@ -520,6 +522,41 @@ def test_evaluate_cli_end_to_end(synth, records, tmp_path, capsys):
     assert "cannot write the evaluation's outputs" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("shortlist", [0, 2])
+def test_retrieval_rankings_file_gives_the_reports_recalls(tmp_path, shortlist):
+    """The rankings file names each image's and each text's best matches, best first: read
+    back, its top 10s give the report's recalls (and with a shortlist hold only its pairs, not
+    the pairs scored for the folds' own shortlists)."""
+    from pixelbert import evaluate
+    synth = tmp_path / "synthetic"
+    synthetic.generate(synth, 100 if shortlist else 40, 3)
+    run, val = eval_run(tmp_path, synth, "retrieval", f"task.shortlist={shortlist}", "data.num_workers=0",
+                        f"task.contrastive_weight={float(shortlist > 0)}",
+                        f"data.synthetic_images={100 if shortlist else 40}",
+                        f"task.retrieval_folds={2 if shortlist else 0}")  # folds: more pairs scored than listed
+    assert evaluate.main(["--config", str(run / "config.json"), "--checkpoint", str(run / "weights.pt")]) == 0
+    report = json.loads((run / "eval_retrieval_val.json").read_text())
+    rankings = json.loads(Path(report["rankings_file"]).read_text())
+    assert Path(report["rankings_file"]) == run / "retrieval_val_rankings.json"
+    assert rankings["images"] == list(dict.fromkeys(r.image for r in val))
+    assert [(t["text"], rankings["images"][t["image"]]) for t in rankings["texts"]] == [(r.text, r.image) for r in val]
+    assert (len(rankings["image_to_text"]), len(rankings["text_to_image"])) == (report["images"], report["texts"])
+    for lists, size in ((rankings["image_to_text"], report["texts"]), (rankings["text_to_image"], report["images"])):
+        for best in lists:
+            scores = [m["score"] for m in best]
+            assert scores == sorted(scores, reverse=True)
+            assert len(best) == min(10, size) or shortlist  # a shortlist may hold fewer
+    listed = sum(map(len, rankings["image_to_text"]))
+    assert (listed < report["images"] * min(10, report["texts"])) == bool(shortlist)
+    image_of = [t["image"] for t in rankings["texts"]]
+    for k in (1, 5, 10):  # at k >= the candidates every query hits, its unscored pairs included
+        i2t = [any(image_of[m["text"]] == i for m in best[:k]) for i, best in enumerate(rankings["image_to_text"])]
+        t2i = [any(m["image"] == image_of[t] for m in best[:k]) for t, best in enumerate(rankings["text_to_image"])]
+        assert (100.0 * sum(i2t) / len(i2t) if k < report["texts"] else 100.0) == pytest.approx(report[f"i2t_r{k}"])
+        assert (100.0 * sum(t2i) / len(t2i) if k < report["images"] else 100.0) == pytest.approx(report[f"t2i_r{k}"])
+    assert report["images"] > 1 and 0 < report["t2i_r1"] < 100  # not all trivially
+
+
 @pytest.mark.parametrize("task", ["vqa", "nlvr2", "retrieval"])
 def test_evaluation_counts_unreadable_images_and_never_substitutes(tmp_path, task, capsys):
     """An evaluation image that cannot be read is counted, reported and kept out of the metric
@@ -551,6 +588,10 @@ def test_evaluation_counts_unreadable_images_and_never_substitutes(tmp_path, tas
         assert report["statements"] == clean["statements"] - len(on_it) == len(val) - len(on_it)
     else:
         assert (report["images"], report["texts"]) == (clean["images"] - 1, clean["texts"] - len(on_it))
+        rankings = json.loads(Path(report["rankings_file"]).read_text())
+        assert rankings["images"] == [image for image in dict.fromkeys(r.image for r in val) if image != str(broken)]
+        assert [(t["text"], rankings["images"][t["image"]]) for t in rankings["texts"]] == \
+            [(r.text, r.image) for r in val if r.image != str(broken)]
     assert evaluate.main(args + ["data.max_bad_fraction=0.0"]) == 3
     assert "Examples: truncated: " + str(broken) in capsys.readouterr().err
 
@@ -694,6 +735,8 @@ def test_evaluation_on_two_ranks_equals_one(tmp_path, task, shortlist):
         reports.append(json.loads((run / f"eval_{task}_val.json").read_text()))
         if task == "vqa":
             results.append(json.loads(Path(reports[-1]["results_file"]).read_text()))
+        elif task == "retrieval":
+            results.append(json.loads(Path(reports[-1]["rankings_file"]).read_text()))
     one, two = reports
     on_broken = sum(str(broken) in (r.images or (r.image,)) for r in val)
     assert one["skipped"] == two["skipped"] == {"truncated": 1 if task == "retrieval" else on_broken}
@@ -705,6 +748,8 @@ def test_evaluation_on_two_ranks_equals_one(tmp_path, task, shortlist):
         assert max(2 * one["images"], 2 * one["texts"]) <= one["pairs_scored"] < one["images"] * one["texts"]
     elif task == "retrieval":
         assert one["pairs_scored"] == one["images"] * one["texts"]
+    if task == "retrieval":  # the merged scores are each image's own rank's: the same lists
+        assert results[0] == results[1]
     same = lambda report: {k: v for k, v in report.items() if k not in ("checkpoint", "eval_s")}  # noqa: E731
     assert same(one) == same(two) and one["eval_s"] > 0
 

@@ -205,11 +205,19 @@ def test_zero3_validation_of_each_task_makes_equal_passes_and_matches_zero2(tmp_
         run_train(tmp_path / f"zero{stage}", synthetic_dir, common + [f"deepspeed.zero_optimization.stage={stage}"],
                   ranks=2, timeout=300)
         reports[stage] = {k: v for k, v in eval_lines(tmp_path / f"zero{stage}")[2].items()
-                          if k not in ("eval_s", "results_file")}
+                          if k not in ("eval_s", "results_file", "rankings_file")}
     if task == "pretrain":  # losses: equal to rounding (ZeRO-3 reduces in another order)
         assert same_eval(reports[3], reports[2]), reports
     else:  # accuracies and recalls of argmax predictions and rankings: exactly
         assert reports[3] == reports[2]
+    if task == "retrieval":  # validation's rankings file, named by its step: the same matches, in order
+        lists = [json.loads((tmp_path / f"zero{stage}" / "retrieval_val_step2_rankings.json").read_text())
+                 for stage in (2, 3)]
+        for key, named in (("image_to_text", "text"), ("text_to_image", "image")):
+            assert [[m[named] for m in best] for best in lists[1][key]] == \
+                [[m[named] for m in best] for best in lists[0][key]]
+        assert [m["score"] for best in lists[1]["image_to_text"] for m in best] == \
+            pytest.approx([m["score"] for best in lists[0]["image_to_text"] for m in best], rel=1e-5, abs=1e-6)
     assert reports[3].get("questions", reports[3].get("statements", reports[3].get("images"))) == evaluated
 
 

@@ -62,7 +62,7 @@ def evaluate(model, setup: EvalSetup, records: list[Record], split: str, skips: 
     """The report of the run's task on `records` (model in eval mode, no gradients)."""
     task = setup.cfg.train.task
     if task == "retrieval":
-        return evaluate_retrieval(model, setup, records, skips)
+        return evaluate_retrieval(model, setup, records, split, skips)
     with torch.no_grad():
         if task == "pretrain":
             return pretrain_losses(model, setup, records, skips)

@@ -9,8 +9,11 @@ and leaves the ranking with its texts.
 """
 from __future__ import annotations
 
+import json
+import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -25,18 +28,41 @@ from pixelbert.engine.data import with_text
 from pixelbert.engine.distributed import DistInfo, all_reduce_sum
 from pixelbert.engine.eval_setup import EvalSetup, check_readable
 from pixelbert.engine.preemption import loader_worker_init
+from pixelbert.fileio import write_atomic
+
+RANKED_MATCHES = 10  # per image and per text in the rankings file: enough for R@10
 
 
-def evaluate_retrieval(model, setup: EvalSetup, records: list[Record], skips: SkipCounter) -> dict:
+def evaluate_retrieval(model, setup: EvalSetup, records: list[Record], split: str, skips: SkipCounter) -> dict:
     """Recalls of the split (and, with task.retrieval_folds, the folds' average), with what the
-    ranking covered."""
+    ranking covered; each image's and each text's best matches go to the rankings file."""
     with torch.no_grad():
         ranked = retrieval_scores(model, setup, records, skips)
     report = ranking_report(ranked.scores, ranked.img_of_text, setup.cfg.task.shortlist, ranked.whole,
                             warn=setup.dist.is_main)
     if setup.cfg.task.retrieval_folds:
         report["folds"] = fold_reports(ranked, setup.cfg.task)
+    rankings_file = Path(setup.cfg.train.output_dir) / f"retrieval_{split}{setup.results_suffix}_rankings.json"
+    if setup.dist.is_main:
+        write_atomic(rankings_file, json.dumps(best_matches(ranked)))
+    report["rankings_file"] = str(rankings_file)
     return report
+
+
+def best_matches(ranked: "RankedPairs", top: int = RANKED_MATCHES) -> dict:
+    """The `top` best-scored texts of each image and images of each text, by the scores the
+    recalls are computed from (with a shortlist, among its pairs only), best first. Texts and
+    images are named by their index in `texts` and `images`."""
+    scores = ranked.scores if ranked.whole is None else ranked.scores.masked_fill(~ranked.whole, float("-inf"))
+
+    def best(rows: torch.Tensor, key: str) -> list[list[dict]]:
+        # topk, not a sort: COCO's 5K test has 125M pairs, whose int64 sort order alone is 1 GB.
+        values, indices = rows.topk(min(top, rows.shape[1]), dim=1)
+        return [[{key: n, "score": v} for v, n in zip(row_values, row_indices) if math.isfinite(v)]
+                for row_values, row_indices in zip(values.tolist(), indices.tolist())]
+    return {"images": ranked.images, "texts": [{"text": text, "image": image}
+                                               for text, image in zip(ranked.texts, ranked.img_of_text)],
+            "image_to_text": best(scores, "text"), "text_to_image": best(scores.T, "image")}
 
 
 def skip_code(reason: str) -> int:
@@ -150,6 +176,8 @@ class RankedPairs:
     scores: torch.Tensor  # [images, texts] float32 (the model's scores, exactly); -inf for the pairs no shortlist took
     img_of_text: list[int]  # the image (row) of each text
     fold_of_image: torch.Tensor  # [images] each image's fold (task.retrieval_folds; all 0 without)
+    images: list[str]  # each row's image path
+    texts: list[str]  # each column's text
     whole: Optional[torch.Tensor] = None  # [images, texts] bool: the split's shortlists (None: every pair)
     in_fold: Optional[torch.Tensor] = None  # [images, texts] bool: each fold's own shortlists
 
@@ -205,7 +233,8 @@ def retrieval_scores(model, setup: EvalSetup, records: list[Record], skips: Skip
         scores.masked_fill_(~scored, float("-inf"))
     read.count(skips)
     check_readable(skips, cfg)
-    return readable_only(RankedPairs(scores, img_of_text, fold_of_image, whole, in_fold), read.unreadable == 0)
+    return readable_only(RankedPairs(scores, img_of_text, fold_of_image, images, [r.text for r in records], whole,
+                                     in_fold), read.unreadable == 0)
 
 
 def image_folds(count: int, folds: int) -> torch.Tensor:
@@ -300,7 +329,8 @@ def readable_only(ranked: RankedPairs, readable: torch.Tensor) -> RankedPairs:
     texts = [n for n, image in enumerate(ranked.img_of_text) if readable[image]]
     cut = lambda pairs: None if pairs is None else pairs[readable][:, texts]  # noqa: E731
     return RankedPairs(cut(ranked.scores), [new_index[ranked.img_of_text[n]] for n in texts],
-                       ranked.fold_of_image[readable], cut(ranked.whole), cut(ranked.in_fold))
+                       ranked.fold_of_image[readable], [path for path, kept in zip(ranked.images, readable) if kept],
+                       [ranked.texts[n] for n in texts], cut(ranked.whole), cut(ranked.in_fold))
 
 
 def ranking_report(scores: torch.Tensor, img_of_text: list[int], shortlist: int,
