@@ -189,6 +189,9 @@ class Predictor:
              dtype: str) -> "Predictor":
         cfg = load_config(config, overrides)
         task = cfg.train.task
+        if cfg.data.decoder == "dali":  # said, not silently ignored
+            print("note: data.decoder=dali, but pixelbert.predict decodes with PIL (as evaluation's PIL path)",
+                  file=sys.stderr)
         run_dir = run_dir_of(checkpoint, default=Path(cfg.train.output_dir))
         tokenizer = run_tokenizer(cfg.data, run_dir)
         answers = None

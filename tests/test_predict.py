@@ -76,6 +76,9 @@ def test_vqa_scores_every_answer_as_evaluation_does(synth, tmp_path, capsys):
         assert reply["text"] == record.text and reply["images"] == [record.image]
     code, reply = ask(capsys, run, "--image", chosen[0].image, "--text", chosen[0].text)
     assert len(reply["answers"]) == predict.DEFAULT_TOP and reply["model_ms"] > 0 and "warm_model_ms" not in reply
+    predict.main(["--config", str(run / "config.json"), "--checkpoint", str(run / "weights.pt"),
+                  "--image", chosen[0].image, "--text", chosen[0].text, "data.decoder=dali"])
+    assert "pixelbert.predict decodes with PIL" in capsys.readouterr().err  # the config's decoder is not used
 
 
 def test_nlvr2_verdict_is_evaluations(synth, tmp_path, capsys):
