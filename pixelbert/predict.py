@@ -182,7 +182,7 @@ class Predictor:
     tokenizer: TextTokenizer
     answers: Optional[AnswerVocabulary]
     device: torch.device
-    dtype: torch.dtype
+    dtype_name: str  # a key of DTYPES
 
     @classmethod
     def load(cls, config: str, checkpoint: str, overrides: list[str], device: Optional[str],
@@ -206,7 +206,11 @@ class Predictor:
         load_trained(model, checkpoint, task)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model.to(device, DTYPES[dtype]).eval()
-        return cls(cfg, task, model, tokenizer, answers, device, DTYPES[dtype])
+        return cls(cfg, task, model, tokenizer, answers, device, dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
 
     def answer(self, batch: dict, requests: list[Request], top: int) -> list[dict]:
         with torch.inference_mode():
@@ -242,7 +246,7 @@ def predict_one(predictor: Predictor, request: Request, top: int, repeat: int) -
     text = {"text": request.texts[0]} if predictor.task in ("vqa", "nlvr2") else {}
     return {"task": predictor.task, "images": request.images, **text, **reply,
             "truncated": predictor.truncated(request.texts), "device": str(predictor.device),
-            "dtype": next(name for name, dtype in DTYPES.items() if dtype == predictor.dtype), **timings}
+            "dtype": predictor.dtype_name, **timings}
 
 
 def predict_many(predictor: Predictor, requests: list[Request], top: int) -> tuple[list[dict], Counter]:
