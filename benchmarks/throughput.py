@@ -63,8 +63,8 @@ Prints a table, writes --out (JSON) and a bar chart beside it (PNG), appends to 
 --max-batch (GPU): per mode of --max-batch-modes, the largest micro-batch (pairs) that runs two
 steps, without and with activation checkpointing (model.checkpoint_backbone and
 model.checkpoint_encoder). --latency: one VQA request (PixelBertForVQA, 3,129 answers), batch 1
-at the config's resolution, eval mode, inference_mode: the model alone and with JPEG decoding,
-tokenising and the host-to-device copy.
+at the config's resolution, eval mode, inference_mode: the model alone and with JPEG decoding
+(data.decoder's choice, as `pixelbert.predict` makes it), tokenising and the host-to-device copy.
 """
 from __future__ import annotations
 
@@ -570,6 +570,7 @@ def measure_latency(args, cfg: Config, data: dict, dist, repeats: int) -> dict:
     """One VQA-style request: batch 1 at the config's resolution, eval mode, no grad."""
     from pixelbert.data.tokenizer import build_tokenizer
     from pixelbert.engine.batches import to_device
+    from pixelbert.engine.decoding import build_decoder
     from pixelbert.engine.trainer import training_dtype
     from pixelbert.model.tasks import PixelBertForVQA
     from pixelbert.predict import Request, request_batch
@@ -584,9 +585,11 @@ def measure_latency(args, cfg: Config, data: dict, dist, repeats: int) -> dict:
     model = PixelBertForVQA(cfg.model, num_answers=3129).to(dist.device, dtype).eval()  # VQA v2's answers
     question = "what color is the small animal sitting next to the wooden table?"
     paths = sorted(Path(data["images"]).glob("*.jpg"))
+    decoder, decoder_name = build_decoder(cfg.data, dist.device, max_batch_size=1)  # data.decoder's, as predict's
 
     def prepare(path: Path) -> dict:  # what `python -m pixelbert.predict` does to a request
-        return to_device(request_batch(Request([str(path)], [question]), cfg, "vqa", tokenizer), dist.device, dtype)
+        batch = request_batch(Request([str(path)], [question]), cfg, "vqa", tokenizer, decoder)
+        return to_device(batch, dist.device, dtype)
 
     def sync():
         if cuda:
@@ -607,7 +610,7 @@ def measure_latency(args, cfg: Config, data: dict, dist, repeats: int) -> dict:
             total_ms.append((time.perf_counter() - t) * 1e3)
     quantile = lambda v, q: float(np.quantile(v, q))  # noqa: E731
     return {"task": "vqa (3,129 answers)", "batch": 1, "resolution": f"{cfg.data.image_shorter}/{cfg.data.image_longer}",
-            "dtype": str(dtype).split(".")[-1], "repeats": repeats,
+            "dtype": str(dtype).split(".")[-1], "decoder": decoder_name, "repeats": repeats,
             "model_ms_median": quantile(model_ms, 0.5), "model_ms_p90": quantile(model_ms, 0.9),
             "end_to_end_ms_median": quantile(total_ms, 0.5), "end_to_end_ms_p90": quantile(total_ms, 0.9)}
 
@@ -701,7 +704,8 @@ def main(argv=None) -> int:
                 report["latency"] = measure_latency(args, cfg, data, dist, repeats=50 if cuda else 20)
                 lat = report["latency"]
                 print(f"latency (VQA, batch 1, {lat['resolution']}, {lat['dtype']}, eval, no grad): model "
-                      f"{lat['model_ms_median']:.2f} ms median / {lat['model_ms_p90']:.2f} p90; with JPEG decode, "
+                      f"{lat['model_ms_median']:.2f} ms median / {lat['model_ms_p90']:.2f} p90; with JPEG decode "
+                      f"({lat['decoder']}), "
                       f"tokenising and copy {lat['end_to_end_ms_median']:.2f} / {lat['end_to_end_ms_p90']:.2f} ms")
         if args.max_batch:
             if not cuda:

@@ -8,7 +8,8 @@ retrieval run, or of a pre-training run, zero-shot).
     python -m pixelbert.predict ... --image IMG --text "a red circle" --text "two squares"  # retrieval, pre-training
     python -m pixelbert.predict ... --requests requests.jsonl [--out replies.jsonl]     # many, batched
 
-Each image goes through what evaluation does to it (decoded by PIL, upright, resized to
+Each image goes through what evaluation does to it (decoded as data.decoder says: by PIL in
+the loader workers, or by DALI a batch at a time on the model's device; upright, resized to
 data.image_shorter / data.image_longer, the run's normalisation; every valid pixel, no
 sampling) and each text through the run's tokenizer (cut at data.max_text_len: `truncated`
 lists the texts that were). A reply holds:
@@ -18,14 +19,15 @@ lists the texts that were). A reply holds:
 - retrieval and pretrain: `texts`, best match first, each with its `score` (the ITM logit
   margin, which retrieval evaluation ranks by) and `match_probability` (its sigmoid).
 
-One request (`--image`, `--text`) prints its reply as one JSON object, with `load_ms`
-(decoding, tokenizing) and `model_ms` (the forward pass, the first one: it warms up; with
-`--repeat N`, `warm_model_ms` is the median of the N - 1 after it); a request the task cannot
-take ends with the reason and exit code 2. `--requests FILE` reads one JSON object per line,
-`{"id": ..., "image": PATH or "images": [LEFT, RIGHT], "text": TEXT or "texts": [...]}` (`id`
-defaults to the line number), decodes the images in data.num_workers loader processes and
-answers train.eval_batch_size requests per forward pass. Replies go out one JSON line per
-request, in the file's order, each with its `id`: to `--out` (written whole, atomically) or
+One request (`--image`, `--text`) prints its reply as one JSON object, with the `decoder`,
+`load_ms` (reading, decoding, tokenizing) and `model_ms` (the forward pass, the first one: it
+warms up; with `--repeat N`, `warm_model_ms` is the median of the N - 1 after it); a request
+the task cannot take ends with the reason and exit code 2. `--requests FILE` reads one JSON
+object per line, `{"id": ..., "image": PATH or "images": [LEFT, RIGHT], "text": TEXT or
+"texts": [...]}` (`id` defaults to the line number), reads the images in data.num_workers
+loader processes (PIL decodes them there, DALI each batch's after) and answers
+train.eval_batch_size requests per forward pass. Replies go out one JSON line per request, in
+the file's order, each with its `id`: to `--out` (written whole, atomically) or
 stdout. A request that cannot be answered (an unreadable image, the wrong number of images or
 texts, an empty text) gets `{"id", "error"}` and is counted in the summary on stderr; exit code
 3 when none could be answered.
@@ -46,18 +48,19 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pixelbert.config import Config, load_config
 from pixelbert.data.errors import BadSample
-from pixelbert.data.images import load_image
+from pixelbert.data.images import load_encoded, load_image
 from pixelbert.data.tasks import AnswerVocabulary, collate_task
 from pixelbert.data.tokenizer import TextTokenizer, run_tokenizer
-from pixelbert.engine.batches import to_device
+from pixelbert.engine.batches import decode_images, to_device
 from pixelbert.engine.data import ANSWERS_FILE, run_dir_of
+from pixelbert.engine.decoding import build_decoder
 from pixelbert.engine.weights import load_trained
 from pixelbert.fileio import write_atomic
 from pixelbert.model.tasks import build_model
@@ -109,12 +112,15 @@ def parse_request(line: str, number: int) -> Request:
 
 
 class RequestItems(Dataset):
-    """Each request as a task item (its images decoded, its texts tokenized, as TaskDataset
-    makes them for evaluation), or {"bad": (kind, message)} when it cannot be answered (kind:
-    "invalid_request", or the image's skip reason)."""
+    """Each request as a task item (its images decoded, or with `encoded` their file bytes for
+    a batch decoder; its texts tokenized: as TaskDataset makes them for evaluation), or
+    {"bad": (kind, message)} when it cannot be answered (kind: "invalid_request", or the
+    image's skip reason)."""
 
-    def __init__(self, requests: list[Request], cfg: Config, task: str, tokenizer: TextTokenizer):
+    def __init__(self, requests: list[Request], cfg: Config, task: str, tokenizer: TextTokenizer,
+                 encoded: bool = False):
         self.requests, self.data, self.task, self.tokenizer = requests, cfg.data, task, tokenizer
+        self.encoded = encoded
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -123,7 +129,8 @@ class RequestItems(Dataset):
         request, data = self.requests[index], self.data
         try:
             check_request(self.task, request)
-            pixels = [(path, load_image(path, data.image_shorter, data.image_longer, data.pixel_norm()))
+            pixels = [(path, load_encoded(path, data.image_shorter, data.image_longer) if self.encoded else
+                       load_image(path, data.image_shorter, data.image_longer, data.pixel_norm()))
                       for path in request.images]
         except ValueError as e:
             return {"bad": ("invalid_request", str(e)), "index": index}
@@ -144,10 +151,29 @@ def collate_requests(items: list[dict], pad_id: int, pad_multiple: int) -> dict:
             "bad": [(item["index"], item["bad"]) for item in items if "bad" in item]}
 
 
-def request_batch(request: Request, cfg: Config, task: str, tokenizer: TextTokenizer) -> dict:
-    """One request's model batch (on the CPU); ValueError when it cannot be answered."""
-    prepared = collate_requests([RequestItems([request], cfg, task, tokenizer)[0]], tokenizer.pad_id,
-                                cfg.data.pad_multiple)
+def decode_requests(prepared: dict, decoder: Optional[Callable]) -> dict:
+    """collate_requests' batch with its file bytes decoded by `decoder` (as it is when it holds
+    pixels): a request with an image the decoder cannot read moves to `bad`, with the reason."""
+    batch = prepared["batch"]
+    if batch is None or "encoded" not in batch:
+        return prepared
+    decoded, failed = decode_images(batch, decoder)
+    unreadable = {}  # the batch's item -> why
+    for position, reason, detail in failed:
+        for item in batch["pair_item"][batch["pair_image"] == position].unique().tolist():
+            message = f"{reason}: {batch['image_keys'][position]}" + (f" ({detail})" if detail else "")
+            unreadable.setdefault(item, (reason, f"the image cannot be used ({message})"))
+    indices = prepared["indices"]
+    return {"batch": decoded, "indices": [index for item, index in enumerate(indices) if item not in unreadable],
+            "bad": prepared["bad"] + [(indices[item], why) for item, why in sorted(unreadable.items())]}
+
+
+def request_batch(request: Request, cfg: Config, task: str, tokenizer: TextTokenizer,
+                  decoder: Optional[Callable] = None) -> dict:
+    """One request's model batch (on the CPU, or where `decoder` decodes); ValueError when it
+    cannot be answered."""
+    item = RequestItems([request], cfg, task, tokenizer, encoded=decoder is not None)[0]
+    prepared = decode_requests(collate_requests([item], tokenizer.pad_id, cfg.data.pad_multiple), decoder)
     if prepared["bad"]:
         raise ValueError(prepared["bad"][0][1][1])
     return prepared["batch"]
@@ -183,15 +209,14 @@ class Predictor:
     answers: Optional[AnswerVocabulary]
     device: torch.device
     dtype_name: str  # a key of DTYPES
+    decoder: Optional[Callable]  # DALI's batch decoder (data.decoder); None: PIL in the loader workers
+    decoder_name: str
 
     @classmethod
     def load(cls, config: str, checkpoint: str, overrides: list[str], device: Optional[str],
              dtype: str) -> "Predictor":
         cfg = load_config(config, overrides)
         task = cfg.train.task
-        if cfg.data.decoder == "dali":  # said, not silently ignored
-            print("note: data.decoder=dali, but pixelbert.predict decodes with PIL (as evaluation's PIL path)",
-                  file=sys.stderr)
         run_dir = run_dir_of(checkpoint, default=Path(cfg.train.output_dir))
         tokenizer = run_tokenizer(cfg.data, run_dir)
         answers = None
@@ -206,7 +231,9 @@ class Predictor:
         load_trained(model, checkpoint, task)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model.to(device, DTYPES[dtype]).eval()
-        return cls(cfg, task, model, tokenizer, answers, device, dtype)
+        # A batch holds train.eval_batch_size requests: NLVR2's have two images.
+        decoder, decoder_name = build_decoder(cfg.data, device, (2 if task == "nlvr2" else 1) * cfg.train.eval_batch_size)
+        return cls(cfg, task, model, tokenizer, answers, device, dtype, decoder, decoder_name)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -230,7 +257,7 @@ class Predictor:
 def predict_one(predictor: Predictor, request: Request, top: int, repeat: int) -> dict:
     """The reply to one request, with its timings; ValueError when it cannot be answered."""
     start = time.perf_counter()
-    batch = to_device(request_batch(request, predictor.cfg, predictor.task, predictor.tokenizer),
+    batch = to_device(request_batch(request, predictor.cfg, predictor.task, predictor.tokenizer, predictor.decoder),
                       predictor.device, predictor.dtype)
     predictor.synchronize()
     loaded = time.perf_counter()
@@ -246,20 +273,22 @@ def predict_one(predictor: Predictor, request: Request, top: int, repeat: int) -
     text = {"text": request.texts[0]} if predictor.task in ("vqa", "nlvr2") else {}
     return {"task": predictor.task, "images": request.images, **text, **reply,
             "truncated": predictor.truncated(request.texts), "device": str(predictor.device),
-            "dtype": predictor.dtype_name, **timings}
+            "dtype": predictor.dtype_name, "decoder": predictor.decoder_name, **timings}
 
 
 def predict_many(predictor: Predictor, requests: list[Request], top: int) -> tuple[list[dict], Counter]:
     """A reply per request, in order ({"id", "error"} for one that cannot be answered), and the
-    count of each error. Images are decoded in data.num_workers loader processes."""
+    count of each error. Images are read (PIL: decoded) in data.num_workers loader processes."""
     cfg, tokenizer = predictor.cfg, predictor.tokenizer
-    loader = DataLoader(RequestItems(requests, cfg, predictor.task, tokenizer), batch_size=cfg.train.eval_batch_size,
+    items = RequestItems(requests, cfg, predictor.task, tokenizer, encoded=predictor.decoder is not None)
+    loader = DataLoader(items, batch_size=cfg.train.eval_batch_size,
                         num_workers=cfg.data.num_workers, pin_memory=predictor.device.type == "cuda",
                         collate_fn=partial(collate_requests, pad_id=tokenizer.pad_id,
                                            pad_multiple=cfg.data.pad_multiple))
     out: list[Optional[dict]] = [None] * len(requests)
     errors: Counter = Counter()
     for part in loader:
+        part = decode_requests(part, predictor.decoder)
         for index, (kind, message) in part["bad"]:
             out[index] = {"id": requests[index].id, "error": message}
             errors[kind] += 1
@@ -340,7 +369,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         sys.stdout.write(lines)
     count = len(requests) - sum(errors.values())
-    print(f"{count} of {len(requests)} requests answered in {time.perf_counter() - start:.1f} s"
+    print(f"{count} of {len(requests)} requests answered in {time.perf_counter() - start:.1f} s "
+          f"(images decoded by {predictor.decoder_name})"
           + (f"; not answered: {dict(errors)}" if errors else ""), file=sys.stderr)
     return 0 if count else 3
 

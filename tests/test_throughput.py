@@ -84,6 +84,22 @@ def test_quick_benchmark_writes_every_mode(tmp_path):
                                                                  "throughput-profile-engine.txt"]
 
 
+@pytest.mark.parametrize("decoder", ["pil", "dali"])
+def test_latency_measures_a_request_decoded_as_predict_does(tmp_path, decoder):
+    """--latency builds its request as `pixelbert.predict` does, with data.decoder's choice."""
+    if decoder == "dali":
+        pytest.importorskip("nvidia.dali")
+    out = tmp_path / "latency.json"
+    result = run_python(["benchmarks/throughput.py", "--quick", "--latency", "--images", "8", "--out", str(out),
+                         "--csv", str(tmp_path / "latency.csv"), f"data.decoder={decoder}"],
+                        clean_env(OMP_NUM_THREADS="1"), 300)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    latency = json.loads(out.read_text())["latency"]
+    assert latency["decoder"] == ("DALI (cpu)" if decoder == "dali" else "PIL (loader workers)")
+    assert latency["repeats"] == 20 and 0 < latency["model_ms_median"] <= latency["model_ms_p90"]
+    assert 0 < latency["end_to_end_ms_median"] <= latency["end_to_end_ms_p90"]
+
+
 def test_max_batch_search_finds_the_boundary():
     for limit, start, granularity in [(100, 64, 1), (37, 64, 1), (64, 64, 1), (3, 64, 1), (0, 8, 1), (97, 60, 5)]:
         calls = []

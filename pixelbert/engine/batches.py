@@ -31,6 +31,22 @@ def to_device(batch: dict[str, Any], device: torch.device, float_dtype: torch.dt
     return {key: move(value) for key, value in batch.items() if key not in BOOKKEEPING}
 
 
+def decode_images(batch: dict[str, Any], decoder: Callable) -> tuple[Optional[dict[str, Any]], list]:
+    """(the batch with its `encoded` images decoded by `decoder` — less each image it cannot
+    read and every pair (a task batch: every item) that uses one, None when no pair is left —
+    and those images' failures [(position in batch["image_keys"], skip reason, detail)])."""
+    decoded = decoder(batch["encoded"])
+    batch = {k: v for k, v in batch.items() if k != "encoded"}
+    if decoded.failed:
+        keep = torch.ones(len(batch["image_keys"]), dtype=torch.bool)
+        keep[[position for position, _, _ in decoded.failed]] = False
+        batch = drop_images(batch, keep)
+        if len(batch["input_ids"]) == 0:
+            return None, decoded.failed
+    batch["images"], batch["image_sizes"] = decoded.images, decoded.sizes
+    return batch, decoded.failed
+
+
 class BatchPreparer:
     def __init__(self, device: torch.device, float_dtype: torch.dtype, skips: SkipCounter,
                  decoder: Optional[Callable] = None):
@@ -63,19 +79,12 @@ class BatchPreparer:
         with its pairs; None when no pair is left (`failed` then says why)."""
         if self.decoder is None:
             raise RuntimeError("the loader handed over encoded images but no batch decoder is set")
-        decoded = self.decoder(batch["encoded"])
-        batch = {k: v for k, v in batch.items() if k != "encoded"}
-        if decoded.failed:
-            keep = torch.ones(len(batch["image_keys"]), dtype=torch.bool)
-            for position, reason, detail in decoded.failed:
-                keep[position] = False
-                self.skips.add([(reason, f"{reason}: {batch['image_keys'][position]} ({detail})")], 0)
-            batch = drop_images(batch, keep)
-            if len(batch["input_ids"]) == 0:
-                self.failed = decoded.failed
-                return None
-        batch["images"], batch["image_sizes"] = decoded.images, decoded.sizes
-        return batch
+        decoded, failed = decode_images(batch, self.decoder)
+        for position, reason, detail in failed:
+            self.skips.add([(reason, f"{reason}: {batch['image_keys'][position]} ({detail})")], 0)
+        if decoded is None:
+            self.failed = failed
+        return decoded
 
     def _stand_in(self, failed: list) -> dict[str, Any]:
         """A micro-batch none of whose images decodes (counted above) still has to be a step on
