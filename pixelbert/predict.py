@@ -6,6 +6,7 @@ retrieval run, or of a pre-training run, zero-shot).
         --image IMG --text "what colour is the circle?" [--top 5]                      # VQA
     python -m pixelbert.predict ... --image LEFT --image RIGHT --text "STATEMENT"      # NLVR2
     python -m pixelbert.predict ... --image IMG --text "a red circle" --text "two squares"  # retrieval, pre-training
+    python -m pixelbert.predict ... --image IMG --text "a [MASK] circle on the left"      # pre-training: fill in
     python -m pixelbert.predict ... --requests requests.jsonl [--out replies.jsonl]     # many, batched
 
 Each image goes through what evaluation does to it (decoded as data.decoder says: by PIL in
@@ -17,7 +18,11 @@ lists the texts that were). A reply holds:
   head's estimate of the VQA soft score (0-1; it was trained on them with BCE);
 - nlvr2: `true_probability` (softmax over the head's two classes) and `answer`;
 - retrieval and pretrain: `texts`, best match first, each with its `score` (the ITM logit
-  margin, which retrieval evaluation ranks by) and `match_probability` (its sigmoid).
+  margin, which retrieval evaluation ranks by) and `match_probability` (its sigmoid);
+- pretrain, for a text that holds [MASK]: `fills`, for each [MASK] in order, the MLM head's
+  `--top` word pieces ("##" continues a word) with their probabilities (over the tokenizer's
+  vocabulary), given the image and the rest of the text (only a pre-training run has the head:
+  other tasks refuse such a text).
 
 One request (`--image`, `--text`) prints its reply as one JSON object, with the `decoder`,
 `load_ms` (reading, decoding, tokenizing) and `model_ms` (the forward pass, the first one: it
@@ -57,7 +62,7 @@ from pixelbert.config import Config, load_config
 from pixelbert.data.errors import BadSample
 from pixelbert.data.images import load_encoded, load_image
 from pixelbert.data.tasks import AnswerVocabulary, collate_task
-from pixelbert.data.tokenizer import TextTokenizer, run_tokenizer
+from pixelbert.data.tokenizer import MASK, TextTokenizer, run_tokenizer
 from pixelbert.engine.batches import decode_images, to_device
 from pixelbert.engine.data import ANSWERS_FILE, run_dir_of
 from pixelbert.engine.decoding import build_decoder
@@ -93,6 +98,8 @@ def check_request(task: str, request: Request) -> None:
         raise ValueError(f"{task} takes at least one text")
     if any(not isinstance(text, str) or not text.strip() for text in texts):
         raise ValueError("a text is empty")
+    if task != "pretrain" and any(MASK in text for text in texts):
+        raise ValueError(f"a text holds {MASK}: a pre-training run's MLM head fills it in; a {task} run has none")
 
 
 def parse_request(line: str, number: int) -> Request:
@@ -179,8 +186,24 @@ def request_batch(request: Request, cfg: Config, task: str, tokenizer: TextToken
     return prepared["batch"]
 
 
+def mask_fills(model, encoded, input_ids: torch.Tensor, tokenizer: TextTokenizer, top: int) -> list[list[list[dict]]]:
+    """Each pair's fills: for each [MASK] of its text, in order, the MLM head's `top` word
+    pieces with their probabilities: a softmax over the tokenizer's vocabulary (model.vocab_size
+    may hold more rows than it has pieces; no text can hold those)."""
+    masked = input_ids == tokenizer.mask_id
+    fills: list[list[list[dict]]] = [[] for _ in range(len(input_ids))]
+    if not masked.any():
+        return fills
+    logits = model.mlm_logits(encoded.text_rows(masked))[:, :tokenizer.vocab_size]
+    best = torch.softmax(logits, dim=-1).topk(min(top, tokenizer.vocab_size), dim=-1)
+    pairs = masked.nonzero()[:, 0].tolist()  # row-major, as text_rows takes the rows
+    for pair, values, indices in zip(pairs, best.values.cpu(), best.indices.cpu()):
+        fills[pair].append([{"token": tokenizer.piece(i), "probability": float(v)} for v, i in zip(values, indices)])
+    return fills
+
+
 def replies(model, task: str, batch: dict, requests: list[Request], answers: Optional[AnswerVocabulary],
-            top: int) -> list[dict]:
+            tokenizer: TextTokenizer, top: int) -> list[dict]:
     """The task's reply to each request of `batch` (see the module's docstring)."""
     if task == "vqa":
         best = torch.sigmoid(model.logits(batch).float()).topk(min(top, len(answers.answers)), dim=1)
@@ -189,13 +212,23 @@ def replies(model, task: str, batch: dict, requests: list[Request], answers: Opt
     if task == "nlvr2":
         true_probability = torch.softmax(model.logits(batch).float(), dim=1)[:, 1].cpu().tolist()
         return [{"true_probability": p, "answer": p > 0.5} for p in true_probability]
-    scores, pair_item = model.scores(batch).float().cpu(), batch["pair_item"].cpu()
+    if task == "retrieval":
+        scores, fills = model.scores(batch), None
+    else:  # pre-training: its ITM head ranks the texts as retrieval's does, its MLM head fills each [MASK]
+        encoded = model.encode(batch, sample_pixels=False)
+        scores, fills = model.match_scores(encoded), mask_fills(model, encoded, batch["input_ids"], tokenizer, top)
+    scores, pair_item = scores.float().cpu(), batch["pair_item"].cpu()
     out = []
     for item, request in enumerate(requests):
-        mine = scores[pair_item == item]
-        order = mine.argsort(descending=True, stable=True).tolist()
-        out.append({"texts": [{"text": request.texts[n], "score": float(mine[n]),
-                               "match_probability": float(torch.sigmoid(mine[n]))} for n in order]})
+        pairs = (pair_item == item).nonzero()[:, 0].tolist()
+        order = scores[pairs].argsort(descending=True, stable=True).tolist()
+        texts = []
+        for n in order:
+            score = scores[pairs[n]]
+            texts.append({"text": request.texts[n], "score": float(score), "match_probability": float(torch.sigmoid(score))})
+            if fills is not None and fills[pairs[n]]:
+                texts[-1]["fills"] = fills[pairs[n]]
+        out.append({"texts": texts})
     return out
 
 
@@ -203,7 +236,7 @@ def replies(model, task: str, batch: dict, requests: list[Request], answers: Opt
 class Predictor:
     """A trained model with what its requests need: the run's config, tokenizer and answers."""
     cfg: Config
-    task: str  # the run's: "pretrain" is answered by its ITM head, as retrieval is
+    task: str  # the run's: "pretrain" is answered by its ITM head, as retrieval is, and its MLM head
     model: torch.nn.Module
     tokenizer: TextTokenizer
     answers: Optional[AnswerVocabulary]
@@ -225,8 +258,6 @@ class Predictor:
                 raise FileNotFoundError(f"{run_dir / ANSWERS_FILE} not found: a VQA run keeps its answer "
                                         "vocabulary there (the VQA head's outputs, in order)")
             answers = AnswerVocabulary.load(run_dir / ANSWERS_FILE)
-        if task == "pretrain":  # zero-shot: the pre-training ITM head scores the pairs, as retrieval's does
-            cfg.train.task = "retrieval"
         model = build_model(cfg, len(answers.answers) if answers else None, backbone_weights=False)
         load_trained(model, checkpoint, task)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -242,7 +273,7 @@ class Predictor:
     def answer(self, batch: dict, requests: list[Request], top: int) -> list[dict]:
         with torch.inference_mode():
             return replies(self.model, self.task, to_device(batch, self.device, self.dtype), requests,
-                           self.answers, top)
+                           self.answers, self.tokenizer, top)
 
     def truncated(self, texts: list[str]) -> list[str]:
         """The texts cut at data.max_text_len ([CLS] and [SEP] take two of it)."""
@@ -324,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the question (VQA), the statement (NLVR2), or a text to match (repeat it)")
     parser.add_argument("--requests", help="a JSON-lines file of requests (instead of --image and --text)")
     parser.add_argument("--out", help="--requests: the JSON-lines file of replies (default stdout)")
-    parser.add_argument("--top", type=int, default=DEFAULT_TOP, help=f"VQA: answers to list (default {DEFAULT_TOP})")
+    parser.add_argument("--top", type=int, default=DEFAULT_TOP,
+                        help=f"VQA: answers to list; pre-training: word pieces per [MASK] (default {DEFAULT_TOP})")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when there is one, else cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the model's dtype (default fp32)")
     parser.add_argument("--repeat", type=int, default=1,

@@ -13,7 +13,7 @@ from pixelbert.data import synthetic
 from pixelbert.data.skips import SkipCounter
 from pixelbert.data.images import load_encoded
 from pixelbert.data.tasks import AnswerVocabulary, TaskDataset
-from pixelbert.data.tokenizer import run_tokenizer
+from pixelbert.data.tokenizer import read_vocab, run_tokenizer
 from pixelbert.engine.data import ANSWERS_FILE
 from pixelbert.engine.distributed import DistInfo
 from pixelbert.engine.eval_setup import EvalSetup
@@ -143,6 +143,8 @@ def test_bf16_request_is_the_fp32_one_within_bf16_rounding(synth, tmp_path, caps
     ("vqa", ["--image", "{img}", "--text", "q?", "--text", "another?"], "vqa takes one text (the question), got 2"),
     ("retrieval", ["--image", "{img}", "--text", " "], "a text is empty"),
     ("retrieval", ["--image", "{img}", "--image", "{img}", "--text", "a caption"], "retrieval takes 1 image(s), got 2"),
+    ("retrieval", ["--image", "{img}", "--text", "a [MASK] circle"], "a pre-training run's MLM head fills it in"),
+    ("vqa", ["--image", "{img}", "--text", "is the [MASK] red?"], "a vqa run has none"),
     ("vqa", ["--image", "/no/such/image.jpg", "--text", "q?"], "the image cannot be used (missing_file: /no/such/image.jpg)"),
     ("vqa", ["--image", "{img}", "--text", "q?", "--top", "0"], "--top and --repeat must be at least 1"),
     ("vqa", ["--text", "q?"], "give --image and --text (or --requests FILE)"),
@@ -288,3 +290,59 @@ def test_dali_decodes_requests_as_pil_does(synth, tmp_path, capsys, task):
     assert alone["decoder"] == "DALI (cpu)"
     assert request_scores(alone, task, answers) == pytest.approx(request_scores(replies["dali"][0], task, answers),
                                                                  abs=1e-4)
+
+
+def test_pretraining_fills_each_mask_as_its_losses_score_it(synth, tmp_path, capsys):
+    """A pre-training run fills each [MASK] with its MLM head, given the image: the ratio of two
+    pieces' probabilities is the one the pre-training forward pass's MLM losses give them (with
+    those pieces as the targets), and match_probability is exp(-ITM loss) of the pair taken as
+    a match. The probabilities of every piece of the vocabulary sum to 1; another image gives
+    other fills; a batch of requests gives each its own."""
+    from pixelbert.data.masking import IGNORE_INDEX
+    run, val = eval_run(tmp_path, synth, "pretrain")
+    cfg = load_config(run / "config.json")
+    tokenizer = run_tokenizer(cfg.data, run)
+    text, other_text = "a [MASK] circle on the [MASK]", "two squares"
+    image = val[0].image
+    code, reply = ask(capsys, run, "--image", image, "--text", text, "--text", other_text,
+                      "--top", str(tokenizer.vocab_size + 5))
+    assert code == 0, reply
+    filled = {t["text"]: t for t in reply["texts"]}
+    assert "fills" not in filled[other_text] and len(filled[text]["fills"]) == 2
+    for fill in filled[text]["fills"]:
+        assert len(fill) == tokenizer.vocab_size  # --top beyond the vocabulary: all of it
+        assert sum(f["probability"] for f in fill) == pytest.approx(1.0, abs=1e-4)
+        assert [f["probability"] for f in fill] == sorted((f["probability"] for f in fill), reverse=True)
+    model = build_model(cfg, backbone_weights=False).eval()
+    assert not load_weights(model, run / "weights.pt").initialised
+    batch = predict.request_batch(predict.Request([image], [text]), cfg, "pretrain", tokenizer)
+    masks = (batch["input_ids"][0] == tokenizer.mask_id).nonzero()[:, 0].tolist()
+    vocab = read_vocab(run / "tokenizer" / "vocab.txt")  # piece -> id ("##" pieces included)
+    assert len(masks) == 2
+
+    def losses(position: int, piece: str) -> dict:
+        labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+        labels[0, position] = vocab[piece]
+        with torch.no_grad():
+            return model({**batch, "mlm_labels": labels, "itm_labels": torch.tensor([1])})
+
+    for position, fill in zip(masks, filled[text]["fills"]):
+        first, other = fill[0], fill[len(fill) // 2]
+        expected = losses(position, other["token"])["mlm_loss"] - losses(position, first["token"])["mlm_loss"]
+        assert first["probability"] / other["probability"] == pytest.approx(float(torch.exp(expected)), rel=1e-3)
+    assert filled[text]["match_probability"] == pytest.approx(float(torch.exp(-losses(masks[0], "a")["itm_loss"])),
+                                                              abs=1e-5)
+    other_image = next(r.image for r in val if r.image != image)
+    _, elsewhere = ask(capsys, run, "--image", other_image, "--text", text, "--top", "3")
+    assert elsewhere["texts"][0]["fills"][0] != filled[text]["fills"][0][:3]
+    lines = [{"image": image, "texts": [text, other_text]}, {"image": other_image, "text": text}]
+    code = predict.main(["--config", str(run / "config.json"), "--checkpoint", str(run / "weights.pt"), "--top", "3",
+                         "--requests", str(write_requests(tmp_path / "requests.jsonl", lines))])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    batched = [json.loads(line) for line in out.out.splitlines()]
+    for got, alone in zip([next(t for t in batched[0]["texts"] if t["text"] == text), batched[1]["texts"][0]],
+                          [filled[text], elsewhere["texts"][0]]):
+        for fill, fill_alone in zip(got["fills"], alone["fills"]):
+            assert [f["token"] for f in fill] == [f["token"] for f in fill_alone[:3]]
+            assert [f["probability"] for f in fill] == pytest.approx([f["probability"] for f in fill_alone[:3]], abs=1e-5)

@@ -64,6 +64,10 @@ class TextTokenizer:
         """Text of `ids` with special tokens (padding included) left out."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    def piece(self, token_id: int) -> str:
+        """The vocabulary's word piece of `token_id` ("##" marks one that continues a word)."""
+        return self._tok.id_to_token(int(token_id))
+
     def tokenize(self, text: str) -> list[str]:
         """WordPiece strings of `text`, without [CLS]/[SEP] (for inspection)."""
         return self._tok.encode(text, add_special_tokens=False).tokens

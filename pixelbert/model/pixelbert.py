@@ -133,7 +133,17 @@ class PixelBert(nn.Module):
             k = attention.heads(attention.key(encoded.hidden)).transpose(1, 2)
             return attention_probs(q, k, encoded.key_mask), encoded.key_mask
 
-    # ---- pre-training ---------------------------------------------------------------------
+    # ---- pre-training heads -----------------------------------------------------------------
+    def itm_logits(self, encoded: Encoded) -> torch.Tensor:
+        """ITM logits [N, 2] (fp32; no match, match) of every pair of `encoded`."""
+        return self.itm_head(self.pooler(encoded.cls_rows())).float()
+
+    def match_scores(self, encoded: Encoded) -> torch.Tensor:
+        """Matching score of every pair of `encoded`: the ITM logit margin, match minus no
+        match (what retrieval ranks by)."""
+        logits = self.itm_logits(encoded)
+        return logits[:, 1] - logits[:, 0]
+
     def mlm_logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (fp32) of the given rows through the MLM head and the tied decoder."""
         return self.cls(hidden_rows, self.embeddings.word_embeddings.weight).float()
@@ -141,9 +151,9 @@ class PixelBert(nn.Module):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """MLM + ITM losses and accuracies of a pre-training batch (see pixelbert.data.dataset)."""
         encoded = self.encode(batch, sample_pixels=self.training)
-        itm_logits = self.itm_head(self.pooler(encoded.cls_rows()))
+        itm_logits = self.itm_logits(encoded)
         itm_labels = batch["itm_labels"]
-        itm_loss = F.cross_entropy(itm_logits.float(), itm_labels)
+        itm_loss = F.cross_entropy(itm_logits, itm_labels)
 
         mlm_labels = batch["mlm_labels"]
         masked = mlm_labels != IGNORE_INDEX

@@ -99,13 +99,11 @@ class PixelBertForRetrieval(PixelBert):
 
     def pair_logits(self, batch: dict, feat: torch.Tensor | None = None) -> torch.Tensor:
         """ITM logits [N, 2] of every pair of the batch."""
-        encoded = self.encode(batch, sample_pixels=False, feat=feat)
-        return self.itm_head(self.pooler(encoded.cls_rows())).float()
+        return self.itm_logits(self.encode(batch, sample_pixels=False, feat=feat))
 
     def scores(self, batch: dict, feat: torch.Tensor | None = None) -> torch.Tensor:
-        """Matching score of every pair: the ITM logit margin, match minus no-match."""
-        logits = self.pair_logits(batch, feat)
-        return logits[:, 1] - logits[:, 0]
+        """Matching score of every pair of the batch (match_scores)."""
+        return self.match_scores(self.encode(batch, sample_pixels=False, feat=feat))
 
     # ---- the contrastive similarity (contrastive_weight > 0) -------------------------------
     def text_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
